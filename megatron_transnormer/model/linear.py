@@ -1,0 +1,26 @@
+"""Column/row-parallel linears from megatron-core with our (declared) initialisation."""
+from __future__ import annotations
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from ..parallel.tensor_parallel import declare_init, tp_group
+from .megatron_config import megatron_config, unused_init
+
+
+def column_linear(d_in: int, d_out: int, weight_init, bias_init) -> ColumnParallelLinear:
+    """y = x Wᵀ + b with W's rows (outputs) split over TP; returns the local shard of y."""
+    layer = ColumnParallelLinear(d_in, d_out, config=megatron_config(), init_method=unused_init,
+                                 bias=True, gather_output=False, tp_group=tp_group())
+    declare_init(layer.weight, weight_init, partition_dim=0)
+    declare_init(layer.bias, bias_init, partition_dim=0)
+    return layer
+
+
+def row_linear(d_in: int, d_out: int, weight_init, bias_init) -> RowParallelLinear:
+    """y = x Wᵀ + b from a TP-sharded input; W's columns split, the output all-reduced, b replicated."""
+    layer = RowParallelLinear(d_in, d_out, config=megatron_config(), init_method=unused_init,
+                              bias=True, input_is_parallel=True, skip_bias_add=False,
+                              tp_group=tp_group())
+    declare_init(layer.weight, weight_init, partition_dim=1)
+    declare_init(layer.bias, bias_init, partition_dim=None)
+    return layer

@@ -1,0 +1,38 @@
+"""Channel mixers: TransNormer's SiLU GLU (spec §6) and the baselines' ReLU FFN.
+
+W_1, W_2 column-parallel (hidden split over TP), W_3 row-parallel; all layers keep
+torch.nn.Linear's default initialisation, as the original code does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .init import linear_default
+from .linear import column_linear, row_linear
+
+
+class GLU(nn.Module):
+    """GLU(x) = W_3(silu(W_1 x) ⊙ W_2 x), all with bias, no inner dropout."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.w1 = column_linear(d, hidden, linear_default(d), linear_default(d))
+        self.w2 = column_linear(d, hidden, linear_default(d), linear_default(d))
+        self.w3 = row_linear(hidden, d, linear_default(hidden), linear_default(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)[0]) * self.w2(x)[0])[0]
+
+
+class FFN(nn.Module):
+    """fairseq's feed-forward block: fc2(relu(fc1 x))."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.fc1 = column_linear(d, hidden, linear_default(d), linear_default(d))
+        self.fc2 = row_linear(hidden, d, linear_default(hidden), linear_default(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)[0]))[0]

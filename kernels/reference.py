@@ -63,8 +63,9 @@ def _causal_chunked(q, k, v, decay, chunk: int):
     acc = torch.promote_types(q.dtype, torch.float32)
     state = q.new_zeros(b, h, d, e, dtype=acc)
     inter = []
-    for i in range(c):
-        qi, ki, vi = qc[:, :, i].to(acc), kc[:, :, i].to(acc), vc[:, :, i].to(acc)
+    # unbind, not qc[:, :, i]: the backward of indexing materialises a zero tensor of the
+    # whole input per chunk (quadratic in the length); unbind's backward is one stack.
+    for qi, ki, vi in zip(qc.to(acc).unbind(2), kc.to(acc).unbind(2), vc.to(acc).unbind(2)):
         if decay is None:
             inter.append(qi @ state)
             state = state + ki.transpose(-1, -2) @ vi

@@ -15,11 +15,13 @@ def small_config(**model):
     return validate_config(cfg).model
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def single_process():
-    """World size 1 with megatron's groups (TP=1, PP=1)."""
-    from megatron_transnormer.parallel import init_distributed
-    return init_distributed(1, 1)
+    """World size 1 with megatron's groups (TP=1, PP=1), torn down after the module so
+    no later test finds a process group it did not make."""
+    from megatron_transnormer.parallel import destroy_distributed, init_distributed
+    yield init_distributed(1, 1)
+    destroy_distributed()
 
 
 @pytest.fixture(autouse=True)

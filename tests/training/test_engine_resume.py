@@ -11,7 +11,8 @@ import random
 import numpy as np
 import pytest
 
-from megatron_transnormer.training.checkpoint import latest_checkpoint
+from megatron_transnormer.training.checkpoint import (latest_checkpoint, layout_differences, layout_record,
+                                                      read_meta)
 from tests.multiproc import run_ranks
 from tests.training.runtime_helpers import quiet_deepspeed, step_batches, tiny_config
 
@@ -119,7 +120,12 @@ def test_checkpoint_directory_protocol(runs, name):
     assert [f for f in rec["listing"] if not f.endswith(".py")] == ["latest", "step_00000003", "step_00000006"]
     assert latest_checkpoint(os.path.join(root, name)) == os.path.join(root, name, "step_00000006")
     files = os.listdir(os.path.join(root, name, "step_00000006"))
-    assert {"rank_00000.pt", "rank_00001.pt"} <= set(files)
+    assert {"rank_00000.pt", "rank_00001.pt", "meta.json"} <= set(files)
+    tp, pp, zero, precision = LAYOUTS[name]
+    meta = read_meta(os.path.join(root, name, "step_00000006"))
+    assert meta["step"] == 6 and meta["model"]["num_layers"] == 4
+    assert (meta["world_size"], meta["tensor"], meta["pipeline"], meta["data_parallel"]) == (2, tp, pp, 2 // pp)
+    assert (meta["zero_stage"], meta["precision"]) == (zero, precision)
 
 
 def test_latest_checkpoint_ignores_incomplete(tmp_path):
@@ -133,6 +139,27 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path):
     assert latest_checkpoint(tmp_path) == str(tmp_path / "step_00000002")
     (tmp_path / "latest").write_text("step_00000009\n")  # points at a directory that is gone
     assert latest_checkpoint(tmp_path) == str(tmp_path / "step_00000004")
+
+
+def test_layout_differences_name_each_changed_setting(tmp_path):
+    import json
+
+    saved = json.loads(json.dumps({"step": 3, **layout_record(tiny_config(), 1)}))  # as read back
+    assert layout_differences(saved, layout_record(tiny_config(), 1)) == []
+    other = tiny_config(zero=1, precision="bf16")
+    other.model.hidden_size = 128
+    assert layout_differences(saved, layout_record(other, 2)) == [
+        ("world size", 1, 2), ("data-parallel size", 1, 2), ("parallel.zero_stage", 0, 1),
+        ("train.precision", "fp32", "bf16"), ("model.hidden_size", 64, 128)]
+    tp2 = tiny_config()
+    tp2.parallel.tensor = 2
+    assert layout_differences(saved, layout_record(tp2, 2)) == [("world size", 1, 2), ("parallel.tensor", 1, 2)]
+    del saved["zero_stage"]  # what a checkpoint does not record is not compared
+    assert ("parallel.zero_stage", 0, 1) not in layout_differences(saved, layout_record(other, 2))
+    assert read_meta(tmp_path) is None  # a checkpoint from before meta.json
+    (tmp_path / "meta.json").write_text("{")
+    with pytest.raises(ValueError, match="meta.json is not valid JSON"):
+        read_meta(tmp_path)
 
 
 def test_resume_with_another_layout_fails_before_any_collective(runs):

@@ -187,6 +187,13 @@ def test_help_lists_configs_and_keys():
     assert p.returncode == 0
     for text in ("alm/tiny_cpu", "alm/wikitext103_t2", "scale/7b", "train.steps", "parallel.zero_stage"):
         assert text in p.stdout
+    # With --config and overrides: their values, then the default where it differs.
+    p = pretrain("--config", "alm/wikitext103_t2", "--help", "train.steps=7", timeout=60)
+    assert p.returncode == 0, p.stderr
+    row = {line.split()[0]: line.split()[2:] for line in p.stdout.splitlines() if line.startswith("  train.")}
+    assert row["train.global_batch_size"] == ["128", "(default", "8)"]
+    assert row["train.steps"] == ["7", "(default", "100)"]
+    assert row["train.seed"] == ["1"]
 
 
 @pytest.mark.parametrize("args, env, needle", [
@@ -213,3 +220,48 @@ def test_bad_settings_exit_2_before_any_process_group(dataset, args, env, needle
     assert needle in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert time.time() - t0 < 60
+
+
+@pytest.fixture(scope="module")
+def saved_run(dataset, tmp_path_factory) -> Path:
+    """A finished one-process run whose checkpoint (step 2) the resume tests start from."""
+    run_dir = tmp_path_factory.mktemp("saved")
+    p = pretrain(f"data.path={dataset}", f"train.run_dir={run_dir}", *TINY, "train.steps=2",
+                 "train.plot=false", "train.tensorboard=false")
+    assert p.returncode == 0, p.stdout + p.stderr
+    return run_dir
+
+
+def test_checkpoint_records_its_layout(saved_run):
+    ckpt = saved_run / "checkpoints" / "step_00000002"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta == {"step": 2, "world_size": 1, "tensor": 1, "pipeline": 1, "data_parallel": 1,
+                    "zero_stage": 0, "precision": "fp32",
+                    "model": {"arch": "transnormer", "vocab_size": 512, "hidden_size": 32, "num_layers": 2,
+                              "num_heads": 2, "ffn_hidden_size": 85}}
+
+
+@pytest.mark.parametrize("args, env, needle", [
+    (["parallel.zero_stage=1"], {}, "parallel.zero_stage: 0 in the checkpoint, 1 in this run"),
+    # Two ranks announced, the peer never comes: a check after the process group started
+    # would wait for it until the timeout.
+    ([], {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"},
+     "data-parallel size: 1 in the checkpoint, 2 in this run"),
+    (["model.hidden_size=64"], {}, "model.hidden_size: 32 in the checkpoint, 64 in this run"),
+    # An explicit path, from another run directory.
+    (["train.resume={ckpt}", "train.run_dir={other}", "train.precision=bf16"], {},
+     "train.precision: fp32 in the checkpoint, bf16 in this run"),
+])
+def test_resume_with_another_layout_exits_2_before_any_process_group(dataset, saved_run, tmp_path, args,
+                                                                     env, needle):
+    ckpt = saved_run / "checkpoints" / "step_00000002"
+    args = [a.format(ckpt=ckpt, other=tmp_path) for a in args]
+    env = dict(_env(), MASTER_PORT=str(free_port()), **env)
+    t0 = time.time()
+    p = pretrain(f"data.path={dataset}", f"train.run_dir={saved_run}", *TINY, "train.steps=4", *args,
+                 env=env, timeout=90)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert needle in p.stderr and str(ckpt) in p.stderr and "train.resume=none" in p.stderr
+    assert time.time() - t0 < 60
+    assert sorted(os.listdir(saved_run / "checkpoints")) == ["latest", "step_00000002"]  # untouched

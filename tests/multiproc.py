@@ -26,7 +26,11 @@ def free_port() -> int:
 def _child(fn, rank, world_size, port, env, args, results):
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                       # CPU tests on every machine: with a GPU visible, init_distributed would
+                       # choose NCCL, and on a machine with fewer GPUs than ranks NCCL refuses
+                       # two ranks on one device. `env` may make GPUs visible again.
+                       "CUDA_VISIBLE_DEVICES": ""})
     os.environ.update(env or {})
     try:
         results.put((rank, True, fn(rank, world_size, *args)))

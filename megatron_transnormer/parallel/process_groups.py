@@ -148,7 +148,16 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, backend: str | None = N
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        # One process per GPU, on cuda:LOCAL_RANK, set before the process group starts.
+        # DeepSpeed's engine and PipelineModule place the model on cuda:LOCAL_RANK too, so
+        # a different device here (say, wrapping around fewer visible GPUs) would split a
+        # rank across two devices; NCCL also refuses two ranks on one GPU.
+        visible = torch.cuda.device_count()
+        if launch.local_rank >= visible:
+            raise RuntimeError(f"local rank {launch.local_rank} runs on GPU {launch.local_rank}, but this "
+                               f"process sees {visible}: start one process per GPU, each seeing all GPUs "
+                               f"of its node (under srun: no per-task GPU binding)")
+        torch.cuda.set_device(launch.local_rank)
     if not dist.is_initialized():
         # Export what we parsed (the launcher's own values win) so that later readers of
         # the environment, e.g. DeepSpeed's engine looking up LOCAL_RANK, agree with us.

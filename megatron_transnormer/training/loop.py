@@ -24,10 +24,11 @@ from megatron_transnormer.data import TokenStream
 from megatron_transnormer.evaluation.perplexity import report
 
 from . import rng
+from .checkpoint import RUN_SUBDIR, resume_target
 from .cli import resolved_config
 from .metrics import MetricsLogger, peak_tflops, throughput, truncate_metrics
 from .plotting import plot_losses
-from .runtime import build_runtime, latest_checkpoint
+from .runtime import build_runtime
 from .signals import StopRequest, signal_name
 
 
@@ -37,6 +38,13 @@ def _world_max(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on the device: CUDA runs asynchronously, so a clock read
+    without it could miss part of a step (or count part of the previous one)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _from_rank0(obj):
@@ -53,7 +61,7 @@ class Trainer:
         self.cfg, self.info, self.layout = cfg, info, layout
         self.is_rank0 = layout.rank == 0
         self.run_dir = Path(cfg.train.run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ckpt_root = self.run_dir / RUN_SUBDIR
         self.run_dir.mkdir(parents=True, exist_ok=True)
         rng.seed_all(cfg.train.seed, layout.tp_rank, layout.pp_rank, layout.dp_rank)
         self.rt = build_runtime(cfg, layout)
@@ -66,14 +74,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- resume
     def _resume_path(self) -> Path | None:
-        choice = self.cfg.train.resume
-        if choice == "none":
-            return None
-        if choice == "auto":
-            path = latest_checkpoint(self.ckpt_root) if self.is_rank0 else None
-            path = _from_rank0(None if path is None else str(path))
-            return None if path is None else Path(path)
-        return Path(choice)
+        # The same choice cli.prepare_run checked the layout against, made by rank 0 for all.
+        path = resume_target(self.cfg.train.resume, self.ckpt_root) if self.is_rank0 else None
+        path = _from_rank0(path)
+        return None if path is None else Path(path)
 
     def resume(self) -> None:
         path = self._resume_path()
@@ -167,15 +171,20 @@ class Trainer:
         batches = iter(self.train_stream)
         try:
             while self.step < t.steps:
+                _synchronize(self.layout.device)
                 t0 = time.perf_counter()
                 result = self.rt.train_step(batches)  # <- the step: one optimizer update
+                _synchronize(self.layout.device)
+                seconds = time.perf_counter() - t0
                 self.step += 1
                 rec = {"step": self.step, "loss": result.loss, "lr": result.lr,
                        "grad_norm": result.grad_norm,
-                       **throughput(result.tokens, time.perf_counter() - t0, fpt,
-                                    self.layout.world_size, peak),
+                       **throughput(result.tokens, seconds, fpt, self.layout.world_size, peak),
                        "tokens": result.tokens, "skipped": bool(result.skipped),
                        "time": time.time()}  # wall clock: throughput over whole iterations
+                if self.layout.device.type == "cuda":
+                    # This rank's peak allocation since the process started (rank 0 logs).
+                    rec["max_memory_gib"] = torch.cuda.max_memory_allocated(self.layout.device) / 2**30
                 log.train_step(rec)
                 if t.eval_interval and self.step % t.eval_interval == 0:
                     self._log_validation(log)

@@ -95,6 +95,8 @@ def format_step(rec: dict, total: int) -> str:
         parts.append(f"{rec['tflops_per_device']:.1f} TFLOP/s/dev")
     if "mfu" in rec:
         parts.append(f"MFU {100 * rec['mfu']:.1f}%")
+    if "max_memory_gib" in rec:
+        parts.append(f"max mem {rec['max_memory_gib']:.1f} GiB")
     if rec.get("skipped"):
         parts.append("skipped")
     return " | ".join(parts)
@@ -141,7 +143,7 @@ class MetricsLogger:
             return
         self._write(rec)
         self._scalars("train", rec, ("loss", "lr", "grad_norm", "tokens_per_s",
-                                     "tflops_per_device", "mfu"))
+                                     "tflops_per_device", "mfu", "max_memory_gib"))
         if self._bar is not None:
             self._bar.update(rec["step"] - self._bar.n)
             post = {"loss": _fmt(rec["loss"], ".4f"), "lr": f"{rec['lr']:.2e}",

@@ -232,3 +232,27 @@ def test_model_counts_layout_independent_init_and_checkpointing(arch):
     with torch.no_grad():
         out = model.float()(ids, masked)
     assert (out[:, :5] == 0).all() and (out[:, 5:] > 0).all()
+
+
+@pytest.mark.parametrize("variant,decay", [("t1", False), ("t2", True)])
+def test_model_with_triton_kernels_matches_the_reference(variant, decay, single_process):
+    """The model's own tensor layouts (head views of the projections, LRPE outputs, a length
+    that is no multiple of the 64-token chunk) through the Triton kernels, forward and
+    backward with activation checkpointing: in the interpreter on CPU, on the GPU when the
+    process groups run on one (as `model.kernels=triton` trains)."""
+    pytest.importorskip("triton")
+    device = single_process.device
+    results = []
+    for backend in ("torch", "triton"):
+        cfg = small_config(variant=variant, hidden_size=64, num_heads=4, block_size=16, decay=decay,
+                           kernels=backend)
+        model = build_model(cfg, seed=5).to(device)
+        model.activation_checkpointing = True
+        ids = torch.randint(0, cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(0)).to(device)
+        loss = model(ids, ids.roll(-1, 1))
+        loss.mean().backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (loss_ref, grads_ref), (loss_triton, grads_triton) = results
+    torch.testing.assert_close(loss_triton, loss_ref, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(grads_triton, grads_ref, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())

@@ -130,6 +130,10 @@ def diag_attention(q, k, v, block_size: int = 64, causal: bool = True, kind: str
 
 
 def simple_rms_norm(x, eps: float = 1e-8):
-    """SimpleRMSNorm (spec §2): x / (‖x‖₂ · d^(-1/2) + eps) over the last dimension."""
+    """SimpleRMSNorm (spec §2): x / (‖x‖₂ · d^(-1/2) + eps) over the last dimension.
+
+    Computed in fp32 at least (as the Triton kernel does) and returned in x's dtype.
+    """
     d = x.shape[-1]
-    return x / (x.norm(dim=-1, keepdim=True) * d ** -0.5 + eps)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf / (xf.norm(dim=-1, keepdim=True) * d ** -0.5 + eps)).to(x.dtype)

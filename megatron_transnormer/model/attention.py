@@ -92,13 +92,23 @@ class NormAttention(_Mixer):
     def feature_map(self, x):
         return F.elu(x) if self.variant == "t1" else 1.0 + F.elu(x)
 
+    def decay_on(self, device: torch.device) -> torch.Tensor | None:
+        """The decay rates as an fp32 tensor on `device`, made once per device rather than
+        copied from the host in every forward."""
+        if self.decay is None:
+            return None
+        cached = getattr(self, "_decay_tensor", None)
+        if cached is None or cached.device != device:
+            cached = self._decay_tensor = torch.tensor(self.decay, dtype=torch.float32, device=device)
+        return cached
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
         positions = torch.arange(x.shape[1], device=x.device)
         q = self.lrpe(self.feature_map(q), positions)
         k = self.lrpe(self.feature_map(k), positions)
-        decay = None if self.decay is None else torch.tensor(self.decay, dtype=torch.float32, device=x.device)
-        o = kernels.norm_attention(q, k, v, causal=self.causal, decay=decay, backend=self.backend)
+        o = kernels.norm_attention(q, k, v, causal=self.causal, decay=self.decay_on(x.device),
+                                   backend=self.backend)
         return self.project_out(self.norm(self.merge(o)))
 
 

@@ -32,7 +32,8 @@ class SimpleRMSNorm(nn.Module):
             # clamp: sqrt'(0) is infinite; an all-zero row (T1 ReLU attention can give one) maps to 0.
             norm = ss.clamp_min(torch.finfo(acc).tiny).sqrt()
             return (x.to(acc) / (norm * d ** -0.5 + EPS)).to(x.dtype)
-        return kernels.simple_rms_norm(x.to(acc), eps=EPS, backend=self.backend).to(x.dtype)
+        # Both backends accumulate in fp32 themselves: no fp32 copy of x here.
+        return kernels.simple_rms_norm(x, eps=EPS, backend=self.backend)
 
 
 def layer_norm(d: int) -> nn.LayerNorm:

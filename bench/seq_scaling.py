@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -29,6 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 OUT = REPO / "bench" / "out"
 ARCHS = ("transnormer", "vanilla")
+# glibc serves every allocation above 32 MiB with a fresh mmap and returns it on free, so
+# on CPU each step of the long sequences pays page faults and zeroing that shorter ones
+# (reusing heap memory) do not; that jump would be measured as attention cost. Heap-only
+# allocation in the workers keeps memory reuse alike at every length, as a GPU's caching
+# allocator does.
+CPU_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 
 def _rss_mib() -> float:
@@ -112,7 +119,8 @@ def main() -> None:
             args = [sys.executable, __file__, "--worker", arch, "--hidden", str(a.hidden), "--layers",
                     str(a.layers), "--heads", str(a.heads), "--ffn", str(a.ffn), "--vocab", str(a.vocab),
                     "--batch", str(a.batch), "--reps", str(a.reps), "--lengths", str(n)]
-            out = subprocess.run(args, cwd=REPO, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(args, cwd=REPO, check=True, capture_output=True, text=True,
+                                 env={**os.environ, **CPU_MALLOC_ENV}).stdout
             rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
     by = {(r["arch"], r["seq_len"]): r for r in rows}

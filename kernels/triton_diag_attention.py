@@ -43,12 +43,11 @@ def _probs(q, k, keep, KIND: tl.constexpr, PREC: tl.constexpr):
     return p, logits
 
 
-@autotune(_configs(), key=["DQK", "DV", "KIND", "CAUSAL"])
 @triton.jit
-def _diag_fwd(Q, K, V, OUT, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-              N, H, DQK, DV,
-              KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+def _load_block(Q, K, V, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N, H, DQK, DV,
+                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's block: its q, k, v tiles, their masks and the attention mask `keep`
+    (keys past the sequence end, and the future when causal, are masked)."""
     bh = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BLOCK)
     rows = tl.program_id(1) * BLOCK + r
@@ -63,6 +62,18 @@ def _diag_fwd(Q, K, V, OUT, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n
     keep = row_ok[None, :]
     if CAUSAL:
         keep = keep & (r[:, None] >= r[None, :])
+    return bh, rows, kd, ke, qk_mask, v_mask, q, k, v, keep
+
+
+@autotune(_configs(), key=["DQK", "DV", "KIND", "CAUSAL"])
+@triton.jit
+def _diag_fwd(Q, K, V, OUT, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+              N, H, DQK, DV,
+              KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    bh, rows, kd, ke, qk_mask, v_mask, q, k, v, keep = _load_block(
+        Q, K, V, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N, H, DQK, DV,
+        CAUSAL, BLOCK, BLOCK_D, BLOCK_E)
     p, _ = _probs(q, k, keep, KIND, PREC)
     out = tl.dot(p.to(v.dtype), v, input_precision=PREC)
     tl.store(OUT + _offsets(bh, H, so_b, so_h, so_n, rows, ke), out.to(v.dtype), mask=v_mask)
@@ -75,21 +86,10 @@ def _diag_bwd(Q, K, V, DO, DQ, DK, DVAL, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_
               N, H, DQK, DV,
               KIND: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    r = tl.arange(0, BLOCK)
-    rows = tl.program_id(1) * BLOCK + r
-    row_ok = rows < N
-    kd = tl.arange(0, BLOCK_D)
-    ke = tl.arange(0, BLOCK_E)
-    qk_mask = row_ok[:, None] & (kd < DQK)[None, :]
-    v_mask = row_ok[:, None] & (ke < DV)[None, :]
-    q = tl.load(Q + _offsets(bh, H, sq_b, sq_h, sq_n, rows, kd), mask=qk_mask, other=0.0)
-    k = tl.load(K + _offsets(bh, H, sk_b, sk_h, sk_n, rows, kd), mask=qk_mask, other=0.0)
-    v = tl.load(V + _offsets(bh, H, sv_b, sv_h, sv_n, rows, ke), mask=v_mask, other=0.0)
+    bh, rows, kd, ke, qk_mask, v_mask, q, k, v, keep = _load_block(
+        Q, K, V, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N, H, DQK, DV,
+        CAUSAL, BLOCK, BLOCK_D, BLOCK_E)
     do = tl.load(DO + _offsets(bh, H, sdo_b, sdo_h, sdo_n, rows, ke), mask=v_mask, other=0.0)
-    keep = row_ok[None, :]
-    if CAUSAL:
-        keep = keep & (r[:, None] >= r[None, :])
     p, logits = _probs(q, k, keep, KIND, PREC)
     dt = v.dtype
     dv = tl.dot(tl.trans(p.to(dt)), do, input_precision=PREC)

@@ -44,53 +44,49 @@ def _rank_state(layout, step):
     return {"position": step * 10 + layout.dp_rank, "order": np.arange(4, dtype=np.int64) + step}
 
 
-def _run_and_save(rank, world_size, root):
+def _runtimes():
+    """(name, cfg, layout, runtime) for every layout in turn, in this rank's process."""
     from megatron_transnormer.parallel import destroy_distributed, init_distributed
     from megatron_transnormer.training.runtime import build_runtime
 
     quiet_deepspeed()
-    out = {}
     try:
         for name, (tp, pp, zero, precision) in LAYOUTS.items():
             cfg = _config(tp, pp, zero, precision)
             layout = init_distributed(tp, pp)
-            rt = build_runtime(cfg, layout)
-            losses, probe, saved = [], None, []
-            for step in range(1, STEPS + 1):
-                losses.append(rt.train_step(step_batches(step, layout, cfg)).loss)
-                if step in SAVE_AT:
-                    saved.append(rt.save_checkpoint(os.path.join(root, name), step, {"step": step},
-                                                    _rank_state(layout, step)))
-                    if step == 3:
-                        probe = _probe()
-            out[name] = {"losses": losses, "probe": probe, "saved": saved,
-                         "listing": sorted(os.listdir(os.path.join(root, name)))}
+            yield name, cfg, layout, build_runtime(cfg, layout)
     finally:
         destroy_distributed()
+
+
+def _run_and_save(rank, world_size, root):
+    out = {}
+    for name, cfg, layout, rt in _runtimes():
+        losses, probe, saved = [], None, []
+        for step in range(1, STEPS + 1):
+            losses.append(rt.train_step(step_batches(step, layout, cfg)).loss)
+            if step in SAVE_AT:
+                saved.append(rt.save_checkpoint(os.path.join(root, name), step, {"step": step},
+                                                _rank_state(layout, step)))
+                if step == 3:
+                    probe = _probe()
+        out[name] = {"losses": losses, "probe": probe, "saved": saved,
+                     "listing": sorted(os.listdir(os.path.join(root, name)))}
     return out
 
 
 def _resume(rank, world_size, root):
-    from megatron_transnormer.parallel import destroy_distributed, init_distributed
-    from megatron_transnormer.training.runtime import build_runtime
-
-    quiet_deepspeed()
     out = {}
-    try:
-        for name, (tp, pp, zero, precision) in LAYOUTS.items():
-            cfg = _config(tp, pp, zero, precision)
-            layout = init_distributed(tp, pp)
-            rt = build_runtime(cfg, layout)
-            client_state, rank_state = rt.load_checkpoint(os.path.join(root, name, "step_00000003"))
-            probe = _probe()
-            expected = _rank_state(layout, 3)
-            assert rank_state["position"] == expected["position"]
-            assert np.array_equal(rank_state["order"], expected["order"])
-            assert client_state["step"] == 3 and client_state["config"]["parallel"]["pipeline"] == pp
-            losses = [rt.train_step(step_batches(step, layout, cfg)).loss for step in range(4, STEPS + 1)]
-            out[name] = {"losses": losses, "probe": probe}
-    finally:
-        destroy_distributed()
+    for name, cfg, layout, rt in _runtimes():
+        client_state, rank_state = rt.load_checkpoint(os.path.join(root, name, "step_00000003"))
+        probe = _probe()
+        expected = _rank_state(layout, 3)
+        assert rank_state["position"] == expected["position"]
+        assert np.array_equal(rank_state["order"], expected["order"])
+        assert client_state["step"] == 3
+        assert client_state["config"]["parallel"]["pipeline"] == cfg.parallel.pipeline
+        losses = [rt.train_step(step_batches(step, layout, cfg)).loss for step in range(4, STEPS + 1)]
+        out[name] = {"losses": losses, "probe": probe}
     return out
 
 

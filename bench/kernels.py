@@ -107,9 +107,15 @@ def _compile_variants(arch: int, all_configs: bool, dtype: str):
             for block in ((16, 32, 64, 128) if d == 128 else (64,)):
                 for config in configs(diag):
                     for kind in (diag.SOFTMAX, diag.RELU) if block == 64 else (diag.SOFTMAX,):
-                        consts = dict(KIND=kind, CAUSAL=True, PREC=prec, BLOCK=block, BLOCK_D=d, BLOCK_E=d)
-                        name = f"{kernel.fn.__name__} d={d} block={block} kind={kind} w={config.num_warps}"
-                        yield name, build(kernel, types, consts, config)
+                        # With a padding mask only at the model's block (the masked LM's case).
+                        for masked in (False, True) if block == 64 else (False,):
+                            consts = dict(KIND=kind, CAUSAL=not masked, PREC=prec, BLOCK=block, BLOCK_D=d,
+                                          BLOCK_E=d, HAS_MASK=masked)
+                            if not masked:
+                                consts["M"] = None
+                            name = (f"{kernel.fn.__name__} d={d} block={block} kind={kind} mask={int(masked)}"
+                                    f" w={config.num_warps}")
+                            yield name, build(kernel, dict(types, M="*u8"), consts, config)
     for kernel, types in ((rms._rms_fwd, dict(X=ptr, Y=ptr)), (rms._rms_bwd, dict(X=ptr, DY=ptr, DX=ptr))):
         types = dict(types, D="i32", inv_sqrt_d="fp32", eps="fp32")
         for config in configs(rms):

@@ -67,7 +67,8 @@ def norm_attention(q, k, v, causal: bool = True, decay=None, backend: str = "aut
 
 
 def diag_attention(q, k, v, block_size: int = 64, causal: bool = True, kind: str = "softmax",
-                   dropout_p: float = 0.0, training: bool = False, backend: str = "auto"):
+                   dropout_p: float = 0.0, training: bool = False, key_mask=None, backend: str = "auto"):
+    # The kernels read key_mask themselves: a mask alone never sends a call to the reference.
     unsupported = None if dtypes_supported(q, k, v) else "dtypes other than fp16/bf16/fp32"
     if dropout_p > 0 and training:
         unsupported = "attention dropout"
@@ -75,9 +76,9 @@ def diag_attention(q, k, v, block_size: int = 64, causal: bool = True, kind: str
         unsupported = f"block_size={block_size} (needs a power of two in [16, 128])"
     if _use_triton(backend, q, unsupported):
         return _kernels("diag_attention").diag_attention(*_autocast(q, k, v), block_size=block_size, causal=causal,
-                                                         kind=kind)
+                                                         kind=kind, key_mask=key_mask)
     return reference.diag_attention(q, k, v, block_size=block_size, causal=causal, kind=kind,
-                                    dropout_p=dropout_p, training=training)
+                                    dropout_p=dropout_p, training=training, key_mask=key_mask)
 
 
 def simple_rms_norm(x, eps: float = 1e-8, backend: str = "auto"):

@@ -93,18 +93,25 @@ def norm_attention(q, k, v, causal: bool = True, decay=None, chunk_size: int = C
 
 
 def diag_attention(q, k, v, block_size: int = 64, causal: bool = True, kind: str = "softmax",
-                   dropout_p: float = 0.0, training: bool = False):
+                   dropout_p: float = 0.0, training: bool = False, key_mask=None):
     """Block-diagonal local attention (spec §4): attention only inside blocks of block_size.
 
-    q must already carry the head_dim^-1/2 scale. kind='softmax' (T2): causal future
-    logits are -inf; kind='relu' (T1): future logits are 0 before the ReLU. The sequence
-    is padded to a multiple of the block; padded keys are masked out so they never
-    receive weight (this matters only for bidirectional attention).
+    q must already carry the head_dim^-1/2 scale. kind='softmax' (T2): excluded logits
+    are -inf; kind='relu' (T1): excluded logits are 0 before the ReLU. The sequence is
+    padded to a multiple of the block; padded keys are excluded so they never receive
+    weight (this matters only for bidirectional attention).
+
+    key_mask: optional bool [B, N], True for a real token, shared by all heads. Query t
+    attends key s only if key_mask[b, s] or s == t: real queries never see a padding key,
+    and every row keeps one key, so padding queries (whose outputs nobody uses) get a
+    finite softmax and finite gradients instead of NaN.
     """
     if kind not in ("softmax", "relu"):
         raise ValueError(f"kind must be 'softmax' or 'relu', got {kind!r}")
     b, h, n, d = q.shape
     e = v.shape[-1]
+    if key_mask is not None and tuple(key_mask.shape) != (b, n):
+        raise ValueError(f"key_mask must be [B, N] = {[b, n]}, got {list(key_mask.shape)}")
     pad = (-n) % block_size
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
@@ -116,7 +123,13 @@ def diag_attention(q, k, v, block_size: int = 64, causal: bool = True, kind: str
     if causal:
         keep = idx[:, None] >= idx[None, :]
     keep = keep.expand(nb, block_size, block_size)
-    if pad:
+    if key_mask is not None:
+        # Padded positions are invalid keys, like masked ones; the diagonal term also
+        # gives each padded query its own (zero) key, so no row is empty.
+        valid = F.pad(key_mask.to(device=q.device, dtype=torch.bool), (0, pad), value=False)
+        valid = valid.view(b, 1, nb, 1, block_size) | (idx[:, None] == idx[None, :])
+        keep = keep & valid  # [B, 1, nb, block, block]: broadcast over heads
+    elif pad:
         key_pos = torch.arange(nb * block_size, device=q.device).view(nb, 1, block_size)
         keep = keep & (key_pos < n)
     if kind == "softmax":

@@ -1,4 +1,4 @@
-"""DiagAttention kernel (softmax T2 / ReLU T1, causal and bidirectional) vs float64."""
+"""DiagAttention kernel (softmax T2 / ReLU T1, causal and bidirectional, optional key mask) vs float64."""
 import pytest
 import torch
 
@@ -46,6 +46,96 @@ def test_unsupported_cases_fall_back_or_raise(device):
     # Dropout inactive outside training: the kernel runs.
     assert kernels.diag_attention(q, q, q, dropout_p=0.1, training=False, backend="triton").shape == q.shape
     assert kernels.diag_attention(q, q, q, block_size=48, backend="auto").shape == q.shape
+
+
+def _direct(q, k, v, block, causal, kind, key_mask):
+    """The rule itself on the whole [N, N] score matrix: query t attends key s iff both
+    lie in one block, s <= t when causal, and key_mask[b, s] or s == t."""
+    t = torch.arange(q.shape[-2], device=q.device)
+    allowed = t[:, None] // block == t[None, :] // block
+    if causal:
+        allowed = allowed & (t[None, :] <= t[:, None])
+    allowed = allowed & (key_mask[:, None, None, :] | (t[:, None] == t[None, :]))  # [B, 1, N, N]
+    logits = q @ k.transpose(-1, -2)
+    if kind == "softmax":
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    else:
+        probs = torch.relu(logits.masked_fill(~allowed, 0.0))
+    return probs @ v
+
+
+def _masked_case(device, seed):
+    """Inputs [2, 2, 88, ·] (blocks of 32: the last one partial) and a key mask with a
+    fully masked block (batch 0) and left padding (batch 1: queries 0..4 are padding,
+    and real query 5 has no earlier real key, so causally its only key is itself)."""
+    torch.manual_seed(seed)
+    b, h, n, d, e = 2, 2, 88, 32, 24
+    q, k, v = (torch.randn(b, h, n, d, device=device) / d ** 0.5, torch.randn(b, h, n, d, device=device),
+               torch.randn(b, h, n, e, device=device))
+    key_mask = torch.rand(b, n, device=device) < 0.7
+    key_mask[0, 32:64] = False
+    key_mask[1, :5] = False
+    key_mask[1, 5] = True
+    return q, k, v, key_mask
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["softmax", "relu"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_key_mask_vs_direct_formula(causal, kind, backend, device, poisoned):
+    # Forward and the three input gradients against float64; the incoming gradient is
+    # random on every row, padding queries' rows included, so a NaN anywhere would show.
+    q, k, v, key_mask = _masked_case(device, seed=11 + causal + 2 * len(kind))
+    check_against_float64(
+        lambda q, k, v: kernels.diag_attention(q, k, v, 32, causal, kind, key_mask=key_mask, backend=backend),
+        lambda q, k, v: _direct(q, k, v, 32, causal, kind, key_mask),
+        [q, k, v], TOL[torch.float32])
+
+
+def test_key_mask_hides_padding_tokens():
+    # Whatever q, k, v hold at padding positions, real queries' outputs stay the same.
+    q, k, v, key_mask = (t.double() if t.is_floating_point() else t for t in _masked_case("cpu", seed=5))
+    pad = ~key_mask[:, None, :, None]
+    q2, k2, v2 = (torch.where(pad, torch.randn_like(t), t) for t in (q, k, v))
+    real = key_mask[:, None, :, None].expand(-1, q.shape[1], -1, v.shape[-1])
+    for kind in ("softmax", "relu"):
+        for causal in (True, False):
+            out = reference.diag_attention(q, k, v, 32, causal, kind, key_mask=key_mask)
+            out2 = reference.diag_attention(q2, k2, v2, 32, causal, kind, key_mask=key_mask)
+            torch.testing.assert_close(out[real], out2[real], rtol=0, atol=1e-12)
+            assert not torch.equal(out[~real], out2[~real])  # the replacement did reach the padding rows
+
+
+def test_key_mask_operand(device):
+    # bool and (u)int8 masks give the same result; dense ones reach the kernel uncopied.
+    from kernels.triton_diag_attention import _key_mask_operand
+
+    q, k, v, key_mask = _masked_case(device, seed=3)
+    outs = [kernels.diag_attention(q, k, v, 32, key_mask=m, backend="triton")
+            for m in (key_mask, key_mask.to(torch.uint8), key_mask.to(torch.int8), key_mask.t().contiguous().t())]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    for m in (key_mask, key_mask.to(torch.uint8)):
+        assert _key_mask_operand(m, q).data_ptr() == m.data_ptr()
+    with pytest.raises(ValueError):
+        kernels.diag_attention(q, k, v, key_mask=key_mask[:, :-1], backend="triton")
+    with pytest.raises(ValueError):
+        kernels.diag_attention(q, k, v, key_mask=key_mask[:, :-1], backend="torch")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["softmax", "relu"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_key_mask(causal, kind, dtype, poisoned):
+    q, k, v, key_mask = _masked_case("cuda", seed=7)
+    check_against_float64(
+        lambda q, k, v: kernels.diag_attention(q, k, v, 32, causal, kind, key_mask=key_mask, backend="triton"),
+        lambda q, k, v: _direct(q, k, v, 32, causal, kind, key_mask),
+        [t.to(dtype) for t in (q, k, v)], TOL[dtype])
+    # Under "auto" a mask on CUDA still runs the kernel.
+    auto = kernels.diag_attention(q, k, v, 32, causal, kind, key_mask=key_mask)
+    assert torch.equal(auto, kernels.diag_attention(q, k, v, 32, causal, kind, key_mask=key_mask, backend="triton"))
 
 
 @pytest.mark.gpu

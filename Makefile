@@ -4,9 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DATA ?= data/shakespeare
+DATA_MLM ?= data/shakespeare-mlm
 ARGS ?=
 
-.PHONY: install data train test test-integration bench docker clean
+.PHONY: install data data-blm train test test-integration bench docker clean
 
 # Installs into .venv. On a machine without CUDA the CPU torch goes in first, so that
 # nothing pulls the multi-GB CUDA build.
@@ -24,9 +25,15 @@ install: $(VENV)/.installed
 
 # The bundled default corpus: public-domain Shakespeare plays, split by play.
 $(DATA)/manifest.json: $(VENV)/.installed tools/prepare_data.py
-	$(PY) tools/prepare_data.py --source shakespeare --output $(DATA)
+	$(PY) tools/prepare_data.py --bundled shakespeare --output $(DATA)
 
 data: $(DATA)/manifest.json
+
+# The masked LM's bundled corpus: the same plays, whole lines in <s> ... </s> samples of 128 ids.
+$(DATA_MLM)/manifest.json: $(VENV)/.installed tools/prepare_data.py
+	$(PY) tools/prepare_data.py --bundled shakespeare-mlm --output $(DATA_MLM)
+
+data-blm: $(DATA_MLM)/manifest.json
 
 train: data
 	$(PY) pretrain.py $(ARGS)

@@ -37,7 +37,7 @@ def loader_rate(path: str, batches: int, mb: int, verify: bool, shuffle: bool) -
     start, cpu = time.perf_counter(), time.process_time()
     tokens = 0
     for _ in range(batches):
-        tokens += next(it).numel()
+        tokens += next(it).tokens.numel()
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     # per CPU second as well: on a shared machine wall-clock time includes other jobs' turns
     return {"tokens_per_s": tokens / elapsed, "tokens_per_cpu_s": tokens / cpu, "batches": batches,

@@ -87,6 +87,7 @@ def run_bare(cfg, steps: int, warmup: int) -> dict:
     from megatron_transnormer.model import build_model
     from megatron_transnormer.parallel import init_distributed
     from megatron_transnormer.training import rng
+    from megatron_transnormer.training.objectives import CausalLM
     from megatron_transnormer.training.optimizer import build_optimizer
 
     device = init_distributed(1, 1).device  # megatron-core's layers need their (size-1) groups
@@ -97,13 +98,14 @@ def run_bare(cfg, steps: int, warmup: int) -> dict:
     batches = iter(TokenStream(cfg.data, split=cfg.data.train_split, micro_batch_size=cfg.train.micro_batch_size,
                                seed=cfg.train.seed, shuffle=True, infinite=True))
     accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    objective = CausalLM(cfg.model)
     times, losses = [], []
     for _ in range(steps):
         micro = []
         for _ in range(accum):
-            b = next(batches).to(device)
-            inputs, labels = b[:, :-1], b[:, 1:]
-            loss = model(inputs, labels).sum() / labels.numel()
+            inputs, labels = objective.prepare(next(batches))
+            labels = labels.to(device)
+            loss = objective.loss_sum(model(*(t.to(device) for t in inputs)), labels) / labels.numel()
             (loss / accum).backward()
             micro.append(loss.detach())
         total = torch.stack(micro).mean().item()  # one host sync per update, like the runtime

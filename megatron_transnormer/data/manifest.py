@@ -69,7 +69,8 @@ def validate_manifest(m: dict, where: str) -> dict:
 
 @dataclass
 class DatasetInfo:
-    """A prepared dataset as training sees it (built by `load_dataset_info`)."""
+    """A prepared dataset as training sees it (built by `load_dataset_info`); its tokenizer
+    is loaded by `tokenizers.dataset_tokenizer`."""
 
     path: str  # the manifest file
     root: str  # the directory shard names are relative to
@@ -123,13 +124,6 @@ class DatasetInfo:
     def shard_urls(self, name: str, location: str = "") -> list[str]:
         """Where each shard of a split is read from; see `locate_shards`."""
         return locate_shards([s["name"] for s in self.split(name)["shards"]], self.root, location)
-
-    @property
-    def tokenizer(self):
-        if not hasattr(self, "_tokenizer"):
-            from megatron_transnormer.data.tokenizers import load_tokenizer
-            self._tokenizer = load_tokenizer(self.manifest["tokenizer"], self.root, self.path)
-        return self._tokenizer
 
     def check_model(self, vocab_size: int | None = None, seq_len: int | None = None) -> None:
         """Raise ValueError when the model cannot consume this dataset (0 or None: not checked,

@@ -14,6 +14,11 @@ Nothing here keeps hidden state, so a stream is resumed from counters alone.
 A `Segment` (epoch, R, j, a, b) is positions [a, b) of such a range: reading it means
 skipping whole shards by their sample counts from the manifest, skipping samples in
 the first shard, and starting in the middle of one window.
+
+Samples travel with their index in the split in manifest order (the samples of the
+shards before theirs in the manifest, plus their place in their shard), which no
+order, layout or resume changes: per-sample randomness keyed by it is the same
+however the split is read.
 """
 from __future__ import annotations
 
@@ -63,23 +68,26 @@ def reader_range(total: int, readers: int, reader: int) -> tuple[int, int]:
     return reader * base + min(reader, extra), base + (1 if reader < extra else 0)
 
 
-def range_parts(shards: list[Shard], order, start: int, length: int) -> list[tuple[Shard, int, int]]:
-    """(shard, first, end) sample ranges covering positions [start, start + length) of `order`."""
+def range_parts(shards: list[Shard], order, start: int, length: int) -> list[tuple[Shard, int, int, int]]:
+    """(shard, first, end, index) sample ranges covering positions [start, start + length) of
+    `order`, where `shards` is the whole split in manifest order and `index` is the index
+    of the shard's sample 0 in it."""
+    indices = np.cumsum([0] + [s.samples for s in shards])
     parts, pos, stop = [], 0, start + length
     for i in order:
         shard = shards[i]
         lo, hi = max(start - pos, 0), min(stop - pos, shard.samples)
         if lo < hi:
-            parts.append((shard, lo, hi))
+            parts.append((shard, lo, hi, int(indices[i])))
         pos += shard.samples
         if pos >= stop:
             break
     return parts
 
 
-def _sequential(parts, start: int, reading: Reading) -> Iterator[np.ndarray]:
-    """Samples of `parts` in order, from position `start` of their concatenation."""
-    for shard, lo, hi in parts:
+def _sequential(parts, start: int, reading: Reading) -> Iterator[tuple[int, np.ndarray]]:
+    """(index in the split, sample) of `parts` in order, from position `start` of their concatenation."""
+    for shard, lo, hi, index in parts:
         if start >= hi - lo:
             start -= hi - lo
             continue
@@ -98,16 +106,18 @@ def _sequential(parts, start: int, reading: Reading) -> Iterator[np.ndarray]:
                 if top >= reading.vocab_size:
                     raise DataError(f"{shard.url}: sample {i} holds token id {top}, outside the manifest's "
                                     f"vocabulary of {reading.vocab_size}")
-                yield sample
+                yield index + i, sample
         except DataError as e:
             if not reading.skip_corrupt:
                 raise
             log.warning("skipping corrupt shard (data.skip_corrupt): %s", e)
 
 
-def iter_range(parts, key: tuple, buffer: int, start: int, stop: int, reading: Reading) -> Iterator[np.ndarray]:
-    """Positions [start, stop) of `parts` shuffled in windows of `buffer` (none when buffer <= 1)."""
-    total = sum(hi - lo for _, lo, hi in parts)
+def iter_range(parts, key: tuple, buffer: int, start: int, stop: int,
+               reading: Reading) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, sample) at positions [start, stop) of `parts` shuffled in windows of `buffer`
+    (none when buffer <= 1)."""
+    total = sum(hi - lo for _, lo, hi, _ in parts)
     stop = min(stop, total)
     if start >= stop:
         return
@@ -141,7 +151,8 @@ class Order:
     def total(self) -> int:
         return sum(s.samples for s in self.shards)
 
-    def segment(self, epoch: int, readers: int, reader: int, a: int, b: int) -> Iterator[np.ndarray]:
+    def segment(self, epoch: int, readers: int, reader: int, a: int, b: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(index in the split, sample) at positions [a, b) of reader `reader` of `readers` in `epoch`."""
         order = shard_order(len(self.shards), self.seed, epoch, self.shuffle)
         start, length = reader_range(self.total, readers, reader)
         parts = range_parts(list(self.shards), order, start, length)

@@ -20,7 +20,8 @@ from megatron_transnormer.data.manifest import (FORMAT, VERSION, DataError, dtyp
                                                 manifest_path, write_manifest)
 from megatron_transnormer.data.packing import pack_causal, pack_mlm
 from megatron_transnormer.data.shards import write_shard
-from megatron_transnormer.data.tokenizers import SentencePieceTokenizer, WordTokenizer, load_tokenizer
+from megatron_transnormer.data.tokenizers import (ByteLevelBPETokenizer, SentencePieceTokenizer, WordTokenizer,
+                                                  load_tokenizer, sha256_file)
 
 CHUNK_CHARS = 1 << 18
 
@@ -36,8 +37,9 @@ class PrepareOptions:
     wikitext_raw: bool = False
     download: bool = False
     sha256: str = ""
-    tokenizer: str = "spm"  # spm | word | model
+    tokenizer: str = "spm"  # spm | word | model | gpt2-bpe
     tokenizer_model: str = ""
+    bpe_dir: str = ""  # GPT-2's encoder.json and vocab.bpe, for gpt2-bpe
     spm_type: str = "bpe"
     vocab_size: int = 2048
     byte_fallback: bool = True
@@ -48,6 +50,15 @@ class PrepareOptions:
     workers: int = 1
     seed: int = 1
     progress: bool = True
+
+
+# The corpora that ship with the package dependencies, as the default configs read them
+# (`tools/prepare_data.py --bundled NAME`; the Makefile, the SLURM launchers and the image
+# prepare them through it): name -> the options besides the output folder.
+BUNDLED = {
+    "shakespeare": {"source": "shakespeare"},  # alm/tiny_cpu: causal samples of 256 + 1 ids
+    "shakespeare-mlm": {"source": "shakespeare", "packing": "mlm", "seq_len": 128},  # blm/tiny_cpu
+}
 
 
 def load_text(o: PrepareOptions) -> dict[str, list[str]]:
@@ -85,7 +96,11 @@ def build_tokenizer(o: PrepareOptions, train_docs: list[str]):
         if not o.tokenizer_model:
             raise DataError("--tokenizer model needs --tokenizer-model FILE")
         return SentencePieceTokenizer.from_file(o.tokenizer_model)
-    raise DataError(f"--tokenizer {o.tokenizer!r} is not one of spm, word, model")
+    if o.tokenizer == "gpt2-bpe":
+        if not o.bpe_dir:
+            raise DataError("--tokenizer gpt2-bpe needs --bpe-dir DIR (holding GPT-2's encoder.json and vocab.bpe)")
+        return ByteLevelBPETokenizer.from_gpt2_files(o.bpe_dir)
+    raise DataError(f"--tokenizer {o.tokenizer!r} is not one of spm, word, model, gpt2-bpe")
 
 
 def _chunks(docs: list[str]):
@@ -148,28 +163,35 @@ def prepare(o: PrepareOptions) -> dict:
     _remove_previous(o.output)
     tok = build_tokenizer(o, texts["train"])
     entry = tok.save(o.output)
-    entry.update({"source": o.tokenizer if o.tokenizer != "model" else os.path.abspath(o.tokenizer_model)})
+    entry["source"] = o.tokenizer
+    if o.tokenizer == "model":
+        entry["source"] = os.path.abspath(o.tokenizer_model)
     if o.tokenizer == "spm":
         entry.update({"model_type": o.spm_type, "byte_fallback": o.byte_fallback})
+    if o.tokenizer == "gpt2-bpe":
+        # which BPE files the ids come from: GPT-2's published files have known checksums
+        entry["source"] = os.path.abspath(o.bpe_dir)
+        entry["source_sha256"] = {name: sha256_file(os.path.join(o.bpe_dir, name))
+                                  for name in (ByteLevelBPETokenizer.ENCODER, ByteLevelBPETokenizer.MERGES)}
     dtype = dtype_for_vocab(tok.vocab_size)
     shard_samples = o.shard_samples or (128 if o.source == "shakespeare" else 2048)
-    line_end = tok.eod_id if tok.kind == "word" else tok.sp.piece_to_id("\n")
-    if tok.kind != "word" and line_end == tok.unk_id:
-        line_end = -1
     sample_len = o.seq_len + 1 if o.packing == "causal" else o.seq_len
     splits = {}
     for split, docs in texts.items():
         if not docs:
             continue
         ids = tokenize(docs, entry, o.output, o.workers, split, o.progress)
-        if tok.kind != "word":  # word-level lines already end with </s>, fairseq's document end
+        # Causal streams mark document ends with the end-of-document id (fairseq's word streams
+        # already end every line with it). Masked-LM samples never span documents and close
+        # each sample with it themselves.
+        if o.packing == "causal" and tok.line_end_id != tok.eod_id:
             ids = [np.append(d, np.uint32(tok.eod_id)) for d in ids]
         total = int(sum(len(d) for d in ids))
         dropped = 0
         if o.packing == "causal":
             samples, dropped = pack_causal(ids, o.seq_len)
         else:
-            samples = pack_mlm(ids, o.seq_len, tok.bos_id, tok.eod_id, tok.pad_id, line_end)
+            samples = pack_mlm(ids, o.seq_len, tok.bos_id, tok.eod_id, tok.pad_id, tok.line_end_id)
         if len(samples) == 0:
             raise DataError(f"split {split}: {total} tokens make no sample of {sample_len}; use a smaller --seq-len")
         shards = []

@@ -23,15 +23,20 @@ Two modes:
   resumes with any data-parallel size or worker count when that number is a whole
   number of the new global batches, and refuses otherwise.
 
-Batches are torch.LongTensor [micro_batch_size, sample_len]: sample_len is seq_len + 1
-for causal packing (inputs = b[:, :-1], targets = b[:, 1:]) and seq_len for masked-LM
-packing. With data.skip_corrupt a skipped shard's samples are missing from the stream
-and resuming is no longer exact.
+Batches are `TokenBatch`es: `tokens`, a torch.LongTensor [micro_batch_size, sample_len]
+(sample_len is seq_len + 1 for causal packing, inputs = tokens[:, :-1] and targets =
+tokens[:, 1:], and seq_len for masked-LM packing), and `keys`, a LongTensor
+[micro_batch_size, 2] naming each row's sample: (the epoch it was read in, 0 in finite
+mode; its index in the split in manifest order). A key is the same in every layout,
+with any number of workers and after any resume, so randomness seeded by it (a masked-LM
+mask) does not depend on how the split is read. With data.skip_corrupt a skipped
+shard's samples are missing from the stream and resuming is no longer exact.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from itertools import islice
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -45,13 +50,24 @@ _ORDER_KEYS = ("split", "seed", "shuffle", "shuffle_buffer")
 _LAYOUT_KEYS = ("dp_size", "num_workers", "micro_batch_size")
 
 
-def _stack(samples: Iterator[np.ndarray], mb: int) -> Iterator[np.ndarray]:
-    batch = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == mb:
-            yield np.stack(batch)
-            batch = []
+class TokenBatch(NamedTuple):
+    """A micro-batch: `tokens` [micro_batch_size, sample_len] and `keys` [micro_batch_size, 2],
+    each row's (epoch, index of its sample in the split); both torch.int64."""
+    tokens: torch.Tensor
+    keys: torch.Tensor
+
+
+def _batch(samples: list[tuple[int, int, np.ndarray]]) -> TokenBatch:
+    """A TokenBatch of (epoch, index, sample) triples."""
+    epochs, indices, rows = zip(*samples)
+    # np.array converts while it copies: half the time of np.stack then astype
+    return TokenBatch(torch.from_numpy(np.array(rows, dtype=np.int64)),
+                      torch.from_numpy(np.array((epochs, indices), dtype=np.int64).T.copy()))
+
+
+def _stack(samples: Iterator[tuple[int, int, np.ndarray]], mb: int) -> Iterator[TokenBatch]:
+    while len(batch := list(islice(samples, mb))) == mb:
+        yield _batch(batch)
 
 
 class _Plan:
@@ -64,45 +80,51 @@ class _Plan:
         self.pending, self.next_epoch = pending, next_epoch
 
     # -- infinite mode
-    def reader_samples(self, readers: int, reader: int, start: int) -> Iterator[np.ndarray]:
-        """Reader `reader`'s stream from sample `start`: its share of the pending segments, then epochs."""
+    def reader_segments(self, readers: int, reader: int, start: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """Reader `reader`'s segments from sample `start`: its share of the pending ones, then epochs."""
         for e, r, j, a, b in share(self.pending, readers, reader):
             if start < b - a:
-                yield from self.order.segment(e, r, j, a + start, b)
+                yield e, r, j, a + start, b
                 start = 0
             else:
                 start -= b - a
         length = reader_range(self.order.total, readers, reader)[1]
         epoch, start = self.next_epoch + start // length, start % length
         while True:
-            yield from self.order.segment(epoch, readers, reader, start, length)
+            yield epoch, readers, reader, start, length
             start = 0
             epoch += 1
 
-    def infinite_batches(self, role: int, first_batch: int) -> Iterator[np.ndarray]:
+    def reader_samples(self, readers: int, reader: int, start: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(epoch, index, sample) of reader `reader`'s stream from sample `start`."""
+        for e, r, j, a, b in self.reader_segments(readers, reader, start):
+            for index, sample in self.order.segment(e, r, j, a, b):
+                yield e, index, sample
+
+    def infinite_batches(self, role: int, first_batch: int) -> Iterator[TokenBatch]:
         readers = self.dp_size * self.workers
         samples = self.reader_samples(readers, self.dp_rank * self.workers + role, first_batch * self.mb)
         return _stack(samples, self.mb)
 
     # -- finite mode: the whole split in one order, global batches cut across ranks
-    def finite_batches(self, role: int, position: int) -> Iterator[np.ndarray]:
+    def finite_batches(self, role: int, position: int) -> Iterator[TokenBatch]:
         stride = self.dp_size * self.mb
         wanted = range(role, (self.order.total - position) // stride, self.workers)
         if not wanted:
             return
         first = position + wanted[0] * stride + self.dp_rank * self.mb
-        samples = self.order.segment(0, 1, 0, first, self.order.total)
+        samples = ((0, index, x) for index, x in self.order.segment(0, 1, 0, first, self.order.total))
         for t in wanted:
             lo = position + t * stride + self.dp_rank * self.mb
             while first < lo:  # samples of other ranks and other workers
                 if next(samples, None) is None:
                     return  # shards skipped as corrupt shortened the pass
                 first += 1
-            batch = [x for x in (next(samples, None) for _ in range(self.mb)) if x is not None]
+            batch = list(islice(samples, self.mb))
             first += self.mb
             if len(batch) < self.mb:
                 return
-            yield np.stack(batch)
+            yield _batch(batch)
 
 
 class _WorkerDataset(IterableDataset):
@@ -117,11 +139,8 @@ class _WorkerDataset(IterableDataset):
             # The loader asks worker i for batches i, i+w, ...: rank batch start+i onwards.
             role = (self.start + i) % w
             first = self.start // w + (1 if role < self.start % w else 0)
-            batches = plan.infinite_batches(role, first)
-        else:
-            batches = plan.finite_batches(i, self.start)
-        for b in batches:
-            yield torch.from_numpy(b.astype(np.int64))
+            return plan.infinite_batches(role, first)
+        return plan.finite_batches(i, self.start)
 
 
 def replan(order: Order, state: dict) -> tuple[list, int]:
@@ -197,7 +216,7 @@ class TokenStream:
         """Batches per rank in one pass (finite mode)."""
         return self._order.total // (self._plan.dp_size * self._plan.mb)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[TokenBatch]:
         plan = self._plan
         dataset = _WorkerDataset(plan, self._batches if plan.infinite else self._position)
         if self.num_workers > 0:

@@ -1,40 +1,63 @@
-"""Analytic parameter count and training FLOPs per token (for MFU)."""
+"""Analytic parameter count and training FLOPs per token (for MFU), from the layer pattern."""
 from __future__ import annotations
 
+from .spec import block_specs
 
-def _layer_parameters(cfg) -> int:
-    d, f, head_dim = cfg.hidden_size, cfg.ffn_hidden_size, cfg.hidden_size // cfg.num_heads
+CHUNK = 64  # the causal linear-attention kernels' chunk
+
+
+def _mlp_parameters(kind: str, d: int, f: int) -> int:
+    if kind == "glu":
+        return 2 * (d * f + f) + (f * d + d)
+    return (d * f + f) + (f * d + d)
+
+
+def _layer_parameters(cfg, spec) -> int:
+    d, head_dim = cfg.hidden_size, cfg.hidden_size // cfg.num_heads
     attention = 4 * (d * d + d)  # q, k, v, out with biases
-    if cfg.arch == "transnormer":
-        lrpe = head_dim // 2 + head_dim  # θ and the Householder vector u
-        glu = 2 * (d * f + f) + (f * d + d)
-        return attention + lrpe + glu  # SRMSNorm has no parameters
-    ffn = (d * f + f) + (f * d + d)
-    return attention + ffn + 2 * 2 * d  # two LayerNorms
+    lrpe = head_dim // 2 + head_dim if spec.mixer in ("diag", "norm") else 0  # θ and the Householder u
+    norms = 2 * 2 * d if spec.norm == "layernorm" else 0  # SRMSNorm has no parameters
+    return attention + lrpe + _mlp_parameters(spec.mlp, d, cfg.ffn_hidden_size) + norms
+
+
+def _embedding_parameters(cfg) -> int:
+    d = cfg.hidden_size
+    positions = cfg.max_positions * d if cfg.positions == "learned" else 0  # sinusoids are fixed
+    return cfg.vocab_size * d + positions + (2 * d if cfg.embedding_norm else 0)
+
+
+def _head_parameters(cfg) -> int:
+    d = cfg.hidden_size
+    if cfg.head == "masked_lm":
+        return d * d + d + 2 * d + cfg.vocab_size  # dense, LayerNorm, output bias (decoder tied)
+    if cfg.head == "classification":
+        return d * d + d + d * cfg.num_classes + cfg.num_classes
+    return 0  # tied to the embedding
 
 
 def count_parameters(cfg) -> int:
     """Parameters of the full model (tied embedding counted once, fixed positions not at all)."""
     if cfg.ffn_hidden_size <= 0:
         raise ValueError("model.ffn_hidden_size=0: run config validation first")
-    final_norm = 0 if cfg.arch == "transnormer" else 2 * cfg.hidden_size
-    return cfg.vocab_size * cfg.hidden_size + cfg.num_layers * _layer_parameters(cfg) + final_norm
+    specs = block_specs(cfg)
+    final_norm = 2 * cfg.hidden_size if cfg.norm_position == "pre" and specs[0].norm == "layernorm" else 0
+    return (_embedding_parameters(cfg) + sum(_layer_parameters(cfg, s) for s in specs) + final_norm
+            + _head_parameters(cfg))
 
 
-def _attention_forward_flops(cfg, layer_index: int, seq_len: int) -> float:
+def _mixing_forward_flops(cfg, mixer: str, seq_len: int) -> float:
     """Forward FLOPs per token of the token mixing (beyond the projections), all heads."""
     d, head_dim = cfg.hidden_size, cfg.hidden_size // cfg.num_heads
-    chunk = 64  # the causal linear-attention kernels' chunk
-    if cfg.arch == "vanilla":
+    if mixer == "softmax":
         return 4.0 * d * seq_len  # QKᵀ and PV over the full length (the usual, mask-agnostic count)
-    if cfg.arch == "linear_1elu" or layer_index >= cfg.num_layers // 2:
+    if mixer in ("norm", "linear"):
         # Inside a chunk: QKᵀ and PV (2·chunk·d MACs); across chunks: q·S and the Kᵀ V update.
-        return 2.0 * (2 * min(chunk, seq_len) * d + 2 * head_dim * d)
+        return 2.0 * (2 * min(CHUNK, seq_len) * d + 2 * head_dim * d)
     return 2.0 * 2 * min(cfg.block_size, seq_len) * d  # DiagAttention: QKᵀ and PV in a block
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token: 6·N (forward + backward through every weight, the tied output
     projection included) plus 3 × the attention-mixing forward FLOPs of every layer."""
-    mixing = sum(_attention_forward_flops(cfg, i, seq_len) for i in range(cfg.num_layers))
+    mixing = sum(_mixing_forward_flops(cfg, s.mixer, seq_len) for s in block_specs(cfg))
     return 6.0 * count_parameters(cfg) + 3.0 * mixing

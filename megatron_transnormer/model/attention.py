@@ -1,7 +1,12 @@
 """The token mixers, all in one place: NormAttention and DiagAttention (TransNormer, spec §3–§4),
 softmax attention (the vanilla baseline) and 1+elu linear attention (the linear baseline).
 
-Every mixer maps [B, N, d] -> [B, N, d]. Heads are split over the tensor-parallel group:
+Every mixer maps (x [B, N, d], positions [B or 1, N], valid [B, N] bool or None) to
+[B, N, d]. Positions are inputs (a context-parallel slice or a decoding step passes its
+own offset); `valid` marks real tokens, and padding contributes nothing to any real
+token: its keys are zeroed in the linear attentions (a zero key adds nothing to
+Σ k vᵀ, causal or not) and excluded in the softmax/ReLU ones. `MIXERS` maps the names
+of `model.layers` to the classes. Heads are split over the tensor-parallel group:
 q, k, v are column-parallel (each rank computes its H/tp heads), the output projection
 is row-parallel (its all-reduce restores the full width). The mixing math itself lives
 in `kernels` (Triton on CUDA, PyTorch references elsewhere).
@@ -68,6 +73,11 @@ class _Mixer(nn.Module):
         return self.out_proj(o)[0]
 
 
+def _drop_padding_keys(k: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """k [B, h, N, D] with the keys of padding positions set to zero."""
+    return k if valid is None else k * valid[:, None, :, None].to(k.dtype)
+
+
 class NormAttention(_Mixer):
     """Linear attention with a normalised output (spec §3):
 
@@ -102,11 +112,10 @@ class NormAttention(_Mixer):
             cached = self._decay_tensor = torch.tensor(self.decay, dtype=torch.float32, device=device)
         return cached
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
-        positions = torch.arange(x.shape[1], device=x.device)
         q = self.lrpe(self.feature_map(q), positions)
-        k = self.lrpe(self.feature_map(k), positions)
+        k = _drop_padding_keys(self.lrpe(self.feature_map(k), positions), valid)
         o = kernels.norm_attention(q, k, v, causal=self.causal, decay=self.decay_on(x.device),
                                    backend=self.backend)
         return self.project_out(self.norm(self.merge(o)))
@@ -128,14 +137,17 @@ class DiagAttention(_Mixer):
         self.lrpe = LRPE(self.head_dim)
         self.norm = SimpleRMSNorm(sharded=True, backend=cfg.kernels) if self.kind == "relu" else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
         q = q * self.head_dim ** -0.5
-        # Positions restart in every block (the encoding is relative: same result).
-        positions = torch.arange(x.shape[1], device=x.device) % self.block_size
+        # Positions restart in every block, as in the original (the encoding is relative, so
+        # only rounding differs); blocks are aligned to global positions that are multiples
+        # of the block size, so a slice starting at such an offset sees the same blocks.
+        positions = positions % self.block_size
         q, k = self.lrpe(q, positions), self.lrpe(k, positions)
         o = kernels.diag_attention(q, k, v, block_size=self.block_size, causal=self.causal, kind=self.kind,
-                                   dropout_p=self.dropout, training=self.training, backend=self.backend)
+                                   dropout_p=self.dropout, training=self.training, key_mask=valid,
+                                   backend=self.backend)
         o = self.merge(o)
         if self.norm is not None:
             o = self.norm(o)
@@ -149,9 +161,19 @@ class SoftmaxAttention(_Mixer):
         super().__init__(cfg, xavier_uniform(2 ** -0.5), xavier_uniform(1.0))
         self.dropout = cfg.attention_dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        # No positions here: the baseline takes them from the embedding's absolute positions.
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+        mask = None
+        if valid is not None:
+            # Real keys, plus each query's own position so that a padding query's row is not
+            # empty (an all -inf row would make NaNs that reach the gradients).
+            n = x.shape[1]
+            eye = torch.eye(n, dtype=torch.bool, device=x.device)
+            mask = valid[:, None, None, :] | eye
+            if self.causal:
+                mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            scale=1.0 / math.sqrt(self.head_dim))
         return self.project_out(self.merge(o))
@@ -171,12 +193,16 @@ class LinearEluAttention(_Mixer):
     def __init__(self, cfg, layer_index: int):
         super().__init__(cfg, xavier_uniform(2 ** -0.5), xavier_uniform(1.0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
-        q, k = 1.0 + F.elu(q), 1.0 + F.elu(k)
+        q, k = 1.0 + F.elu(q), _drop_padding_keys(1.0 + F.elu(k), valid)
         num = kernels.norm_attention(q, k, v, causal=self.causal, backend=self.backend)
         acc = torch.promote_types(q.dtype, torch.float32)
         k_sum = k.to(acc).cumsum(dim=2) if self.causal else k.to(acc).sum(dim=2, keepdim=True)
         den = (q.to(acc) * k_sum).sum(dim=-1, keepdim=True)
         o = (num.to(acc) / (den + self.EPS)).to(v.dtype)
         return self.project_out(self.merge(o))
+
+
+# The names `model.layers` uses for each token mixer.
+MIXERS = {"diag": DiagAttention, "norm": NormAttention, "softmax": SoftmaxAttention, "linear": LinearEluAttention}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from torch import nn
 
 
@@ -44,3 +45,22 @@ def random_unit_vector(t, g):
     """The Householder vector u: a uniformly random direction."""
     u = torch.randn(t.shape, generator=g, dtype=torch.float64)
     t.copy_(u / u.norm())
+
+
+BERT_STD = 0.02
+
+
+def apply_bert_init(module: nn.Module, pad_id: int | None = None) -> None:
+    """Re-declare every Linear and Embedding weight of `module` as N(0, 0.02), and their biases
+    as 0 (fairseq's init_bert_params, spec §8); the word embedding's padding row stays zero.
+    Norms, LRPE and the masked-LM output bias keep their own. Call before drawing the weights;
+    each parameter keeps its declared tensor-parallel split."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
+            m.weight.init_fn = normal(BERT_STD)
+            if m.bias is not None:
+                m.bias.init_fn = constant(0.0)
+        elif isinstance(m, VocabParallelEmbedding):
+            m.weight.init_fn = normal(BERT_STD, zero_row=pad_id)
+        elif isinstance(m, nn.Embedding):
+            m.weight.init_fn = normal(BERT_STD)

@@ -25,13 +25,13 @@ class LRPE(nn.Module):
         declare_init(self.u, random_unit_vector)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [B, H, N, D]; positions: [N] (integers)."""
+        """x: [B, H, N, D]; positions: [B or 1, N] integers (any offset: only differences matter)."""
         acc = torch.promote_types(x.dtype, torch.float32)
         xf, u = x.to(acc), self.u.to(acc)
         u = u / u.norm()  # keeps H a reflection when the runtime stores u in bf16
         xf = xf - 2.0 * (xf @ u).unsqueeze(-1) * u  # H x
         # Each rank sees only its heads: sum θ's gradient over the TP group.
-        angle = positions.to(acc).unsqueeze(-1) * replicated_param(self.theta).to(acc)  # [N, D/2]
+        angle = positions.to(acc)[:, None, :, None] * replicated_param(self.theta).to(acc)  # [B|1, 1, N, D/2]
         cos, sin = angle.cos(), angle.sin()
         even, odd = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)

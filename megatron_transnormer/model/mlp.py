@@ -1,4 +1,5 @@
-"""Channel mixers: TransNormer's SiLU GLU (spec §6) and the baselines' ReLU FFN.
+"""Channel mixers: TransNormer's SiLU GLU (spec §6) and the two-layer FFN (ReLU for the ALM
+baselines, GELU for RoBERTa-style and LRA models). `build_mlp` picks one by `model.mlp`.
 
 W_1, W_2 column-parallel (hidden split over TP), W_3 row-parallel; all layers keep
 torch.nn.Linear's default initialisation, as the original code does.
@@ -27,12 +28,18 @@ class GLU(nn.Module):
 
 
 class FFN(nn.Module):
-    """fairseq's feed-forward block: fc2(relu(fc1 x))."""
+    """fairseq's feed-forward block: fc2(act(fc1 x)), act = relu or gelu."""
 
-    def __init__(self, d: int, hidden: int):
+    def __init__(self, d: int, hidden: int, activation: str = "relu"):
         super().__init__()
         self.fc1 = column_linear(d, hidden, linear_default(d), linear_default(d))
         self.fc2 = row_linear(hidden, d, linear_default(hidden), linear_default(hidden))
+        self.activation = {"relu": F.relu, "gelu": F.gelu}[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x)[0]))[0]
+        return self.fc2(self.activation(self.fc1(x)[0]))[0]
+
+
+def build_mlp(kind: str, d: int, hidden: int) -> nn.Module:
+    """kind: glu | relu | gelu (model.mlp)."""
+    return GLU(d, hidden) if kind == "glu" else FFN(d, hidden, activation=kind)

@@ -42,3 +42,8 @@ def layer_norm(d: int) -> nn.LayerNorm:
     declare_init(norm.weight, constant(1.0))
     declare_init(norm.bias, constant(0.0))
     return norm
+
+
+def build_norm(kind: str, d: int, backend: str = "auto") -> nn.Module:
+    """kind: srms (TransNormer) | layernorm (the baselines, and RoBERTa's heads)."""
+    return SimpleRMSNorm(backend=backend) if kind == "srms" else layer_norm(d)

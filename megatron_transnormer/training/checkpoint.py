@@ -71,7 +71,8 @@ def resume_target(resume: str, root: str | os.PathLike) -> str | None:
 # --- meta.json: what a checkpoint can only be resumed with.
 
 # Model settings that shape the parameters (and so the optimizer state and its shards).
-_SHAPE_KEYS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size")
+_SHAPE_KEYS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "layers", "mlp",
+               "norm_position", "positions", "max_positions", "embedding_norm", "head", "num_classes")
 # (meta.json key, the name shown) for every setting a resume must keep. DeepSpeed's ZeRO
 # optimizers refuse another data-parallel size, and the per-rank files (RNG, data position)
 # exist per global rank, so the data-parallel size counts as much as tensor and pipeline.

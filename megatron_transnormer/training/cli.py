@@ -83,13 +83,19 @@ def launcher_world_size() -> int:
 
 
 def apply_manifest(cfg: Config, info) -> None:
-    """Fill vocab_size / seq_len left at 0 from the dataset; refuse a mismatch."""
+    """Fill vocab_size / seq_len left at 0 from the dataset (and the padding id of padded
+    data when the config leaves it at -1); refuse a mismatch, and a dataset packed for
+    another objective."""
+    from .objectives import check_dataset
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = info.vocab_size
     if cfg.data.seq_len == 0:
         cfg.data.seq_len = info.seq_len
+    if cfg.model.pad_id == -1 and info.packing == "mlm":
+        cfg.model.pad_id = info.pad_id
     try:
         info.check_model(vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len)
+        check_dataset(cfg, info)
     except ValueError as e:  # the message names the key and the dataset
         raise UsageError(str(e)) from None
 

@@ -21,12 +21,13 @@ import yaml
 
 from megatron_transnormer.config import Config
 from megatron_transnormer.data import TokenStream
-from megatron_transnormer.evaluation.perplexity import report
+from megatron_transnormer.evaluation.perplexity import report, token_perplexity
 
 from . import rng
 from .checkpoint import RUN_SUBDIR, resume_target
 from .cli import resolved_config
 from .metrics import MetricsLogger, peak_tflops, throughput, truncate_metrics
+from .objectives import build_objective
 from .plotting import plot_losses
 from .runtime import build_runtime
 from .signals import StopRequest, signal_name
@@ -64,7 +65,8 @@ class Trainer:
         self.ckpt_root = self.run_dir / RUN_SUBDIR
         self.run_dir.mkdir(parents=True, exist_ok=True)
         rng.seed_all(cfg.train.seed, layout.tp_rank, layout.pp_rank, layout.dp_rank)
-        self.rt = build_runtime(cfg, layout)
+        self.objective = build_objective(cfg, info)
+        self.rt = build_runtime(cfg, layout, self.objective)
         self.train_stream = TokenStream(cfg.data, split=cfg.data.train_split, dp_rank=layout.dp_rank,
                                         dp_size=layout.dp_size, micro_batch_size=cfg.train.micro_batch_size,
                                         seed=cfg.train.seed, shuffle=True, infinite=True)
@@ -124,9 +126,11 @@ class Trainer:
         self.last_eval_step = self.step
         if tokens == 0:
             return None  # the split holds less than one global batch
-        ppl = report(nll, tokens, self.info, c.data.valid_split)
-        return {"step": self.step, "val_loss": ppl.mean_nll, "val_ppl": ppl.token_ppl,
-                "val_word_ppl": ppl.word_ppl, "val_tokens": tokens}
+        rec = {"step": self.step, "val_loss": nll / tokens, "val_ppl": token_perplexity(nll, tokens),
+               "val_tokens": tokens}
+        if self.objective.word_perplexity:
+            rec["val_word_ppl"] = report(nll, tokens, self.info, c.data.valid_split).word_ppl
+        return rec
 
     def _log_validation(self, log: MetricsLogger) -> None:
         rec = self.validate()
@@ -177,10 +181,10 @@ class Trainer:
                 _synchronize(self.layout.device)
                 seconds = time.perf_counter() - t0
                 self.step += 1
-                rec = {"step": self.step, "loss": result.loss, "lr": result.lr,
-                       "grad_norm": result.grad_norm,
+                rec = {"step": self.step, "loss": result.loss, "ppl": token_perplexity(result.loss, 1),
+                       "lr": result.lr, "grad_norm": result.grad_norm,
                        **throughput(result.tokens, seconds, fpt, self.layout.world_size, peak),
-                       "tokens": result.tokens, "skipped": bool(result.skipped),
+                       "tokens": result.tokens, "labels": result.labels, "skipped": bool(result.skipped),
                        "time": time.time()}  # wall clock: throughput over whole iterations
                 if self.layout.device.type == "cuda":
                     # This rank's peak allocation since the process started (rank 0 logs).

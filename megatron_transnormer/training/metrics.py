@@ -2,8 +2,9 @@
 
 Only rank 0 writes; on other ranks `MetricsLogger` is built with `enabled=False` and
 does nothing. `metrics.jsonl` holds one JSON object per line: a training step
-(`step, loss, lr, grad_norm, tokens_per_s, ...`) or a validation
-(`step, val_loss, val_ppl, val_word_ppl`). Each line is flushed when written, so a
+(`step, loss, ppl, lr, grad_norm, tokens_per_s, labels, ...`; loss and ppl are per
+labelled token: every next token of a causal LM, the masked tokens of a masked LM) or a
+validation (`step, val_loss, val_ppl`, and `val_word_ppl` for causal LMs). Each line is flushed when written, so a
 killed run leaves every finished step on disk; on resume `truncate_metrics` drops what
 came after the checkpoint.
 """
@@ -89,7 +90,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_step(rec: dict, total: int) -> str:
-    parts = [f"step {rec['step']}/{total}", f"loss {_fmt(rec['loss'], '.4f')}", f"lr {rec['lr']:.3e}",
+    parts = [f"step {rec['step']}/{total}", f"loss {_fmt(rec['loss'], '.4f')}", f"ppl {_fmt(rec.get('ppl'), '.2f')}",
+             f"lr {rec['lr']:.3e}",
              f"grad_norm {_fmt(rec['grad_norm'], '.3f')}", f"{rec['tokens_per_s']:,.0f} tok/s"]
     if "tflops_per_device" in rec:
         parts.append(f"{rec['tflops_per_device']:.1f} TFLOP/s/dev")
@@ -103,8 +105,8 @@ def format_step(rec: dict, total: int) -> str:
 
 
 def format_validation(rec: dict) -> str:
-    return (f"validation at step {rec['step']}: loss {rec['val_loss']:.4f} | ppl {rec['val_ppl']:.2f}"
-            f" | word ppl {rec['val_word_ppl']:.2f}")
+    text = f"validation at step {rec['step']}: loss {rec['val_loss']:.4f} | ppl {rec['val_ppl']:.2f}"
+    return text + (f" | word ppl {rec['val_word_ppl']:.2f}" if "val_word_ppl" in rec else "")
 
 
 class MetricsLogger:
@@ -142,11 +144,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write(rec)
-        self._scalars("train", rec, ("loss", "lr", "grad_norm", "tokens_per_s",
+        self._scalars("train", rec, ("loss", "ppl", "lr", "grad_norm", "tokens_per_s",
                                      "tflops_per_device", "mfu", "max_memory_gib"))
         if self._bar is not None:
             self._bar.update(rec["step"] - self._bar.n)
-            post = {"loss": _fmt(rec["loss"], ".4f"), "lr": f"{rec['lr']:.2e}",
+            post = {"loss": _fmt(rec["loss"], ".4f"), "ppl": _fmt(rec.get("ppl"), ".2f"), "lr": f"{rec['lr']:.2e}",
                     "gnorm": _fmt(rec["grad_norm"], ".3f"), "tok/s": f"{rec['tokens_per_s']:,.0f}"}
             if "mfu" in rec:
                 post["mfu"] = f"{100 * rec['mfu']:.1f}%"

@@ -1,4 +1,5 @@
-"""loss.png: training loss and validation loss against step, drawn from metrics.jsonl."""
+"""loss.png: training and validation loss per labelled token against step, with the matching
+perplexity on a second axis, drawn from metrics.jsonl."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +24,11 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> Path | N
     if val:
         ax.plot(*zip(*val), "o-", lw=1.5, label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_ylabel("cross-entropy (nats / labelled token)")
+    import numpy as np
+    ppl = ax.secondary_yaxis("right", functions=(lambda x: np.exp(np.clip(x, None, 700)),
+                                                 lambda p: np.log(np.clip(p, 1e-300, None))))
+    ppl.set_ylabel("perplexity")
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)

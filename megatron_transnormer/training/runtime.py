@@ -1,15 +1,16 @@
 """The DeepSpeed runtime: one object that builds the engine, runs an update, evaluates, checkpoints.
 
-    rt = build_runtime(cfg, layout)
-    rt.train_step(batch_iter) -> StepResult     one optimizer update
-    rt.eval_batch(batch) -> (nll_sum, n_tokens)  summed over the data-parallel group
+    rt = build_runtime(cfg, layout, objective)
+    rt.train_step(batch_iter) -> StepResult        one optimizer update (its order: `train_step`)
+    rt.eval_batch(batch) -> (loss_sum, n_labels)   summed over the data-parallel group
     rt.save_checkpoint(root, step, client_state, rank_state) -> path
     rt.load_checkpoint(path) -> (client_state, rank_state)
 
 Pipeline size 1 uses DeepSpeed's plain engine (ZeRO 0-3) with megatron-core's groups
 through the mpu adapter; pipeline > 1 uses DeepSpeed's PipelineEngine (ZeRO 0-1) over a
 PipelineModule whose topology has the same rank order as megatron-core (checked at build).
-Batches are LongTensors [micro_batch, seq_len + 1]: inputs are [:, :-1], labels [:, 1:].
+Batches are the data stream's `TokenBatch`es; the objective (objectives.py) turns each
+into the model's inputs and labels.
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ from . import checkpoint
 from .checkpoint import latest_checkpoint
 from .deepspeed_config import deepspeed_config
 from .grad_norm import NormAndClip, counted_here
+from .objectives import build_objective, label_count
 from .optimizer import build_optimizer
-from .pipeline import build_pipeline_module, token_loss
+from .pipeline import Wire, build_pipeline_module
 from .schedules import build_scheduler
 
 __all__ = ["Runtime", "StepResult", "build_runtime", "latest_checkpoint"]
@@ -39,10 +41,11 @@ __all__ = ["Runtime", "StepResult", "build_runtime", "latest_checkpoint"]
 
 @dataclass
 class StepResult:
-    loss: float  # mean per-token loss over the global batch, identical on every rank
+    loss: float  # mean loss per labelled token over the global batch, identical on every rank
     grad_norm: float  # global L2 norm before clipping, every parameter counted once
     lr: float  # the learning rate this update used
-    tokens: int  # tokens in the global batch
+    tokens: int  # input positions in the global batch
+    labels: int  # labelled (scored) tokens in the global batch
     skipped: bool  # the optimizer skipped the update (non-finite gradients)
 
 
@@ -113,94 +116,120 @@ def _count_parameters(model: torch.nn.Module, device: torch.device) -> int:
     return int(total.item())
 
 
-def _split(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = batch.to(device)
-    return batch[:, :-1], batch[:, 1:]
+def _dp_sum(values: list[torch.Tensor], device: torch.device) -> list[float]:
+    """Sums over the data-parallel group, in fp64, of a few scalars (one all-reduce)."""
+    t = torch.stack([v.to(device=device, dtype=torch.float64).reshape(()) for v in values])
+    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return t.tolist()
 
 
 class Runtime:
     def __init__(self, cfg: Config, layout: Layout, engine, optimizer: torch.optim.Optimizer,
-                 norm_hook: NormAndClip | None, num_parameters: int):
+                 norm_hook: NormAndClip | None, num_parameters: int, objective):
         self.cfg, self.layout, self.engine = cfg, layout, engine
         self.model_cfg = cfg.model
+        self.objective = objective
         self._optimizer = optimizer  # the torch AdamW; the LR schedule writes its param groups
         self._norm_hook = norm_hook
         self.pipelined = layout.pp_size > 1
+        self._wire = Wire(cfg.model) if self.pipelined else None
         t = cfg.train
         self.grad_accum = t.global_batch_size // (t.micro_batch_size * layout.dp_size)
         self.num_parameters = num_parameters  # the full model's, each parameter counted once
 
+    def _prepare(self, batch) -> tuple[tuple, torch.Tensor]:
+        """The objective's (model inputs, labels) of a batch, on this rank's device."""
+        inputs, labels = self.objective.prepare(batch)
+        device = self.layout.device
+        return tuple(t.to(device) for t in inputs), labels.to(device)
+
     # ------------------------------------------------------------------ training
     def train_step(self, batch_iter) -> StepResult:
-        """One optimizer update over `grad_accum` micro-batches pulled from batch_iter."""
+        """One optimizer update over `grad_accum` micro-batches pulled from batch_iter:
+
+        1. the objective turns every micro-batch into model inputs and labels;
+        2. the labelled tokens of all micro-batches and data-parallel ranks are counted
+           (one all-reduce), before any backward;
+        3. forward and backward of each micro-batch, its loss sum scaled by
+           grad_accum x dp_size / count: DeepSpeed averages the micro-batches' gradients
+           and then the ranks', so what accumulates is the gradient of
+           (Σ every labelled token's loss) / count;
+        4. at the last micro-batch DeepSpeed all-reduces the gradients over data
+           parallelism; the global norm is measured and the gradients clipped (NormAndClip
+           at ZeRO 0, DeepSpeed's ZeRO optimizers otherwise; a non-finite norm skips the
+           update); the optimizer steps; the LR schedule advances.
+        """
         micro_batches = list(islice(batch_iter, self.grad_accum))
         if len(micro_batches) < self.grad_accum:
             raise StopIteration(f"the batch iterator ran out ({len(micro_batches)} of {self.grad_accum} "
                                 f"micro-batches for this update)")
         lr = float(self._optimizer.param_groups[0]["lr"])
         skipped_before = self.engine.skipped_steps
-        if self.pipelined:
-            data = iter([_split(b, self.layout.device) for b in micro_batches])
-            loss = float(self.engine.train_batch(data))  # averaged over micro-batches and DP
-        else:
-            loss = self._train_plain(micro_batches)
+        prepared = [self._prepare(b) for b in micro_batches]  # 1
+        (count,) = _dp_sum([sum(label_count(labels) for _, labels in prepared)], self.layout.device)  # 2
+        scale = self.grad_accum * self.layout.dp_size / max(count, 1.0)
+        loss_sum = self._train_pipelined(prepared, scale) if self.pipelined else self._train_plain(prepared, scale)
         if self._norm_hook is not None:
             grad_norm = self._norm_hook.last_norm
         else:
             grad_norm = self.engine.get_global_grad_norm()
-        tokens = self.cfg.train.global_batch_size * (micro_batches[0].shape[1] - 1)
-        return StepResult(loss=loss, grad_norm=float("nan") if grad_norm is None else float(grad_norm),
-                          lr=lr, tokens=tokens, skipped=self.engine.skipped_steps > skipped_before)
+        tokens = self.cfg.train.global_batch_size * prepared[0][0][0].shape[1]
+        return StepResult(loss=loss_sum / max(count, 1.0),
+                          grad_norm=float("nan") if grad_norm is None else float(grad_norm),
+                          lr=lr, tokens=tokens, labels=int(count), skipped=self.engine.skipped_steps > skipped_before)
 
-    def _train_plain(self, micro_batches: list[torch.Tensor]) -> float:
-        losses = []
-        for batch in micro_batches:
-            inputs, labels = _split(batch, self.layout.device)
-            loss = token_loss(self.engine(inputs, labels), labels, "mean")
-            self.engine.backward(loss)  # scaled by 1/grad_accum inside
-            self.engine.step()  # updates only at the accumulation boundary (the last micro-batch)
-            losses.append(loss.detach().float())
-        mean = torch.stack(losses).mean().reshape(1)
-        dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
-        return float(mean) / self.layout.dp_size
+    def _train_plain(self, prepared, scale: float) -> float:
+        sums = []
+        for inputs, labels in prepared:  # 3
+            loss_sum = self.objective.loss_sum(self.engine(*inputs), labels)
+            self.engine.backward(loss_sum * scale)  # DeepSpeed divides by grad_accum inside
+            self.engine.step()  # 4: acts only at the accumulation boundary (the last micro-batch)
+            sums.append(loss_sum.detach())
+        return _dp_sum([torch.stack(sums).sum()], self.layout.device)[0]
+
+    def _train_pipelined(self, prepared, scale: float) -> float:
+        loss_fn = self.engine.module.loss_fn
+        loss_fn.scale, loss_fn.sums = scale, []
+        self.engine.train_batch(iter([(self._wire.pack(inputs), labels) for inputs, labels in prepared]))  # 3, 4
+        return self._last_stage_sum(loss_fn.sums)
+
+    def _last_stage_sum(self, sums: list[torch.Tensor]) -> float:
+        """The loss sums exist on the last stage: total them over DP and send the total to every stage."""
+        local = torch.stack(sums).sum() if sums else torch.zeros(())
+        total = torch.tensor([_dp_sum([local], self.layout.device)[0]], dtype=torch.float64, device=self.layout.device)
+        group = parallel_state.get_pipeline_model_parallel_group()
+        dist.broadcast(total, src=dist.get_global_rank(group, self.layout.pp_size - 1), group=group)
+        return float(total[0])
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def eval_batch(self, batch: torch.Tensor) -> tuple[float, int]:
-        """Summed next-token NLL and the number of labelled tokens, over the DP group."""
-        inputs, labels = _split(batch, self.layout.device)
+    def eval_batch(self, batch) -> tuple[float, int]:
+        """The objective's loss sum and the number of labelled tokens, summed over the DP group."""
+        inputs, labels = self._prepare(batch)
         if self.pipelined:
-            nll = self._eval_pipelined(inputs, labels)
+            loss_sum = self._eval_pipelined(inputs, labels)
         else:
             self.engine.eval()
             try:
-                nll = token_loss(self.engine(inputs, labels), labels, "sum").double()
+                loss_sum = _dp_sum([self.objective.loss_sum(self.engine(*inputs), labels)], self.layout.device)[0]
             finally:
                 self.engine.train()
-        totals = torch.stack([nll.to(self.layout.device, torch.float64),
-                              (labels >= 0).sum().to(torch.float64)]).reshape(2)
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-        return float(totals[0]), int(totals[1])
+        (count,) = _dp_sum([label_count(labels)], self.layout.device)
+        return loss_sum, int(count)
 
-    def _eval_pipelined(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _eval_pipelined(self, inputs, labels) -> float:
         engine, loss_fn = self.engine, self.engine.module.loss_fn
         # An evaluation batch may differ in shape from training micro-batches: make the
         # stages exchange tensor shapes again, now and at the next training step.
         engine.reset_activation_shape()
-        loss_fn.reduction = "sum"
+        loss_fn.scale, loss_fn.sums = 1.0, []
         try:
-            out = engine.eval_batch(iter([(inputs, labels)]), num_micro_batches=1, reduce_output=None,
-                                    bcast_loss=False)
+            engine.eval_batch(iter([(self._wire.pack(inputs), labels)]), num_micro_batches=1, reduce_output=None,
+                              bcast_loss=False)
         finally:
-            loss_fn.reduction = "mean"
             engine.reset_activation_shape()
             engine.train()
-        # The loss exists on the last stage: send it to the other stages of this pipeline.
-        nll = out[0].double() if engine.is_last_stage() else torch.zeros((), dtype=torch.float64)
-        nll = nll.to(self.layout.device).reshape(1)
-        group = parallel_state.get_pipeline_model_parallel_group()
-        dist.broadcast(nll, src=dist.get_global_rank(group, self.layout.pp_size - 1), group=group)
-        return nll[0]
+        return self._last_stage_sum(loss_fn.sums)
 
     # --------------------------------------------------------------- checkpoints
     def save_checkpoint(self, root, step: int, client_state: dict, rank_state: dict) -> str:
@@ -214,8 +243,12 @@ class Runtime:
         return checkpoint.load(self.engine, self.layout, path)
 
 
-def build_runtime(cfg: Config, layout: Layout) -> Runtime:
-    """Build the model, optimizer, LR schedule and DeepSpeed engine for this rank."""
+def build_runtime(cfg: Config, layout: Layout, objective=None) -> Runtime:
+    """Build the model, optimizer, LR schedule and DeepSpeed engine for this rank.
+
+    objective: from `objectives.build_objective(cfg, dataset_info)`; None builds the one
+    cfg.model.head trains, which works where the objective needs nothing from the data
+    (the causal LM)."""
     # 1. Refuse what cannot run: validate_config refuses ZeRO 2/3 and bf16 at ZeRO 0 with a
     #    pipeline, and layouts that do not fit the world. It ran before the process groups
     #    started; again here, so that no caller can skip it.
@@ -223,12 +256,14 @@ def build_runtime(cfg: Config, layout: Layout) -> Runtime:
     if (layout.tp_size, layout.pp_size) != (cfg.parallel.tensor, cfg.parallel.pipeline):
         raise ConfigError(f"parallel: the process groups are tensor {layout.tp_size} x pipeline "
                           f"{layout.pp_size}, the config asks for {cfg.parallel.tensor} x {cfg.parallel.pipeline}")
+    if objective is None:
+        objective = build_objective(cfg)
     _attach_deepspeed_comm()
 
     # 2. The model: whole, or this pipeline stage's layers.
     seed, checkpointing = cfg.train.seed, cfg.train.activation_checkpointing
     if layout.pp_size > 1:
-        model = build_pipeline_module(cfg.model, layout, seed, checkpointing)
+        model = build_pipeline_module(cfg.model, layout, seed, checkpointing, objective)
     else:
         model = build_model(cfg.model, seed)
         model.activation_checkpointing = checkpointing
@@ -262,4 +297,4 @@ def build_runtime(cfg: Config, layout: Layout) -> Runtime:
                                f"FP16_UnfusedOptimizer (bf16), got {type(engine.optimizer).__name__}")
         norm_hook = NormAndClip(cfg.optim.clip_grad)
         optimizer.register_step_pre_hook(norm_hook)
-    return Runtime(cfg, layout, engine, optimizer, norm_hook, num_parameters)
+    return Runtime(cfg, layout, engine, optimizer, norm_hook, num_parameters, objective)

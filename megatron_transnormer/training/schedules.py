@@ -1,9 +1,12 @@
-"""Learning-rate schedules: linear warm-up, then inverse-sqrt (the paper's), cosine, linear or constant.
+"""Learning-rate schedules: linear warm-up, then inverse-sqrt (the paper's ALM), polynomial (its
+masked LM), cosine, linear or constant.
 
 `lr_at(step, ...)` is the rate used by the update that follows `step` completed updates
 (the first update uses step 0), as in fairseq's `inverse_sqrt`, which the paper trained
 with: warm-up from `warmup_init_lr` to `lr` over `warmup_steps` updates, then
-`lr * sqrt(warmup_steps / step)`. Cosine and linear decay reach `min_lr` at `total_steps`.
+`lr * sqrt(warmup_steps / step)`. Polynomial decay (fairseq's `polynomial_decay`) is
+`min_lr + (lr - min_lr) * (1 - progress)^decay_power`; linear is its power 1. Cosine,
+polynomial and linear decay reach `min_lr` at `total_steps`.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
     progress = min(1.0, (step - warmup) / max(total_steps - warmup, 1))
     if optim.schedule == "cosine":
         return optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if optim.schedule == "linear":
-        return optim.lr - (optim.lr - optim.min_lr) * progress
+    if optim.schedule in ("polynomial", "linear"):
+        power = optim.decay_power if optim.schedule == "polynomial" else 1.0
+        return optim.min_lr + (optim.lr - optim.min_lr) * (1.0 - progress) ** power
     raise ValueError(f"optim.schedule: unknown schedule {optim.schedule!r}")
 
 

@@ -12,6 +12,7 @@ import pytest
 from megatron_transnormer.config.schema import DataConfig
 from megatron_transnormer.data import DataError, TokenStream, load_dataset_info
 from megatron_transnormer.data.shards import write_shard
+from megatron_transnormer.data.tokenizers import dataset_tokenizer
 
 
 @pytest.fixture
@@ -121,7 +122,7 @@ def test_manifest_and_layout_errors(copy, tmp_path):
         TokenStream(DataConfig(path=str(d), seq_len=64), "train")
     (d / "tokenizer.model").write_bytes(b"x")
     with pytest.raises(DataError, match="tokenizer.model: sha256 does not match"):
-        load_dataset_info(str(d)).tokenizer
+        dataset_tokenizer(load_dataset_info(str(d)))
 
 
 def test_shard_bytes_are_the_ustar_tarfile_writes(tmp_path):

@@ -11,7 +11,7 @@ from megatron_transnormer.config.schema import DataConfig
 from megatron_transnormer.data import DataError, TokenStream, load_dataset_info
 from megatron_transnormer.data import sources
 from megatron_transnormer.data.prepare import prepare
-from megatron_transnormer.data.tokenizers import WordTokenizer
+from megatron_transnormer.data.tokenizers import WordTokenizer, dataset_tokenizer
 
 from .conftest import small_options
 
@@ -22,20 +22,21 @@ TOOL = os.path.join(ROOT, "tools", "prepare_data.py")
 def test_text_to_shards_to_loader_to_text(dataset, corpus):
     path, manifest = dataset
     info = load_dataset_info(path)
+    tok = dataset_tokenizer(info)
     docs = sources.text_files([os.path.join(corpus[0], "*.txt")], (6, 1, 1), 1)
     for split in ("train", "valid"):
         s = TokenStream(DataConfig(path=path), split, micro_batch_size=1, shuffle=False, infinite=False)
-        samples = [b[0].numpy() for b in s]
+        samples = [b.tokens[0].numpy() for b in s]
         ids = np.concatenate([samples[0]] + [x[1:] for x in samples[1:]])
         entry = manifest["splits"][split]
         assert len(ids) == entry["tokens"] - entry["dropped_tokens"]
         text = "".join(docs[split])
-        decoded = info.tokenizer.decode(ids.tolist())
+        decoded = tok.decode(ids.tolist())
         assert text.startswith(decoded) and len(text) - len(decoded) < 8 * 32
         assert entry["words"] == len(text.split())
         # document ends are marked: one end-of-document id per document kept whole
         assert (ids == info.eod_id).sum() >= entry["documents"] - 1
-    assert info.tokenizer.decode(info.tokenizer.encode("Thou  art\n\tà la mode 漢\n")) == "Thou  art\n\tà la mode 漢\n"
+    assert tok.decode(tok.encode("Thou  art\n\tà la mode 漢\n")) == "Thou  art\n\tà la mode 漢\n"
     info.check_model(vocab_size=512, seq_len=32)
     with pytest.raises(ValueError, match="model.vocab_size=300"):
         info.check_model(vocab_size=300)
@@ -85,14 +86,15 @@ def test_word_tokenizer_matches_fairseq_dictionary(tmp_path):
     info = load_dataset_info(str(tmp_path / "out"))
     assert info.split_words("valid") == len((wt / "wiki.valid.tokens").read_text().split())
     batch = next(iter(TokenStream(DataConfig(path=info.path), "valid", micro_batch_size=2, shuffle=False,
-                                  infinite=False)))
+                                  infinite=False))).tokens
     sp = m["special"]
     for row in batch.tolist():
         assert row[0] == sp["bos_id"] and len(row) == 8
         body = row[1:row.index(sp["pad_id"]) - 1] if sp["pad_id"] in row else row[1:-1]
         assert row[len(body) + 1] == sp["eod_id"]
     # the first sample holds whole lines: the title line and the empty line
-    assert info.tokenizer.decode(batch[0].tolist()) == "= <unk> =\n\n\n"  # title unseen in train; </s> closes the sample
+    # the title is unseen in train; </s> closes the sample
+    assert dataset_tokenizer(info).decode(batch[0].tolist()) == "= <unk> =\n\n\n"
 
 
 def test_missing_sources_are_clear(tmp_path, monkeypatch):

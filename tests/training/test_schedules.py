@@ -15,7 +15,7 @@ def _optim(schedule, warmup=4, **kw):
     return OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=warmup, warmup_init_lr=1e-7, schedule=schedule, **kw)
 
 
-@pytest.mark.parametrize("schedule", ["inverse_sqrt", "cosine", "linear", "constant"])
+@pytest.mark.parametrize("schedule", ["inverse_sqrt", "polynomial", "cosine", "linear", "constant"])
 def test_warmup_is_linear_from_warmup_init_lr(schedule):
     o = _optim(schedule)
     assert [lr_at(s, o, 20) for s in range(5)] == pytest.approx([1e-7 + (1e-3 - 1e-7) * s / 4 for s in range(5)])
@@ -30,6 +30,12 @@ def test_decays():
         assert lr_at(20, o, 20) == pytest.approx(1e-4) and lr_at(30, o, 20) == pytest.approx(1e-4)
     assert lr_at(19, const, 20) == 1e-3
     assert lr_at(0, _optim("inverse_sqrt", warmup=0), 20) == 1e-3  # no warm-up: start at the peak
+    # fairseq's polynomial_decay: (lr - end) * (1 - progress)^power + end; power 1 is linear.
+    poly = _optim("polynomial", decay_power=2.0)
+    assert lr_at(12, poly, 20) == pytest.approx(1e-4 + 0.9e-3 * 0.25)
+    assert lr_at(20, poly, 20) == pytest.approx(1e-4)
+    assert [lr_at(s, _optim("polynomial"), 20) for s in range(4, 21)] == \
+        pytest.approx([lr_at(s, lin, 20) for s in range(4, 21)])
 
 
 def test_scheduler_drives_every_group_and_round_trips():

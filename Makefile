@@ -48,7 +48,7 @@ bench: data
 	$(PY) bench/data_throughput.py
 	$(PY) bench/framework_overhead.py
 	$(PY) bench/seq_scaling.py
-	$(PY) bench/unigram_baseline.py
+	$(PY) bench/tiny_convergence.py
 
 # The reproduction image (docker/Dockerfile); podman where no docker engine answers.
 # BASE_IMAGE=... picks another PyTorch base image, IMAGE=... the tag.

@@ -171,7 +171,9 @@ def load_config(config: str | None = None, overrides: list[str] = ()) -> Config:
     """
     path = resolve_config_path(config or DEFAULT_CONFIG)
     values = _read_yaml(path)
-    values.setdefault("name", path.stem)
+    # A bundled config is named as --config names it (alm/tiny_cpu and blm/tiny_cpu differ).
+    bundled = path.resolve().is_relative_to(CONFIG_DIR)
+    values.setdefault("name", str(path.resolve().relative_to(CONFIG_DIR).with_suffix("")) if bundled else path.stem)
     for text in overrides:
         keys, value = parse_override(text)
         node = values

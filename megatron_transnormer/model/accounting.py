@@ -56,8 +56,13 @@ def _mixing_forward_flops(cfg, mixer: str, seq_len: int) -> float:
     return 2.0 * 2 * min(cfg.block_size, seq_len) * d  # DiagAttention: QKᵀ and PV in a block
 
 
-def flops_per_token(cfg, seq_len: int) -> float:
+def flops_per_token(cfg, seq_len: int, predicted: float = 1.0) -> float:
     """Training FLOPs per token: 6·N (forward + backward through every weight, the tied output
-    projection included) plus 3 × the attention-mixing forward FLOPs of every layer."""
+    projection included) plus 3 × the attention-mixing forward FLOPs of every layer.
+
+    predicted: the share of positions the head runs on (a masked LM projects only its
+    masked tokens onto the vocabulary), which scales the head's weights and the tied
+    projection's."""
     mixing = sum(_mixing_forward_flops(cfg, s.mixer, seq_len) for s in block_specs(cfg))
-    return 6.0 * count_parameters(cfg) + 3.0 * mixing
+    head = _head_parameters(cfg) + (cfg.vocab_size * cfg.hidden_size if cfg.head != "classification" else 0)
+    return 6.0 * (count_parameters(cfg) - (1.0 - predicted) * head) + 3.0 * mixing

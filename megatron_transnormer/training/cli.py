@@ -53,6 +53,8 @@ def _help_epilog(cfg: Config) -> str:
     lines += ["", "examples:",
               "  python pretrain.py                                  # alm/tiny_cpu on data/shakespeare",
               "  python pretrain.py --config alm/wikitext103_t2 train.run_dir=runs/t2",
+              "  python pretrain.py --config blm/tiny_cpu            # the masked LM on data/shakespeare-mlm",
+              "  deepspeed pretrain.py --config blm/wikitext103_t2 model.layers=norm*12",
               "  torchrun --nproc_per_node 8 pretrain.py --config scale/1b parallel.tensor=2"]
     return "\n".join(lines)
 
@@ -121,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             cfg = load_config(args.config, args.overrides)
         except ConfigError as e:
             raise UsageError(str(e)) from None
+        try:  # show derived values (the layer pattern, the FFN width) where the config is valid
+            validate_config(cfg)
+        except ConfigError:
+            pass
         parser = build_parser(cfg)
     return parser.parse_intermixed_args(argv)
 

@@ -171,7 +171,9 @@ class Trainer:
         from megatron_transnormer.model import flops_per_token
         peak = peak_tflops(self.layout.device)
         # TFLOP/s and MFU are reported for accelerators; on CPU only tokens/s.
-        fpt = flops_per_token(c.model, c.data.seq_len) if self.layout.device.type != "cpu" or peak else None
+        fpt = None
+        if self.layout.device.type != "cpu" or peak:
+            fpt = flops_per_token(c.model, c.data.seq_len, self.objective.predicted_fraction)
         batches = iter(self.train_stream)
         try:
             while self.step < t.steps:

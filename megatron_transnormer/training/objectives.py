@@ -53,6 +53,7 @@ class CausalLM:
     name = "causal_lm"
     packing = "causal"
     word_perplexity = True  # its NLL also gives the paper's per-word perplexity
+    predicted_fraction = 1.0  # of the positions, those the head projects (for FLOP counts)
 
     def __init__(self, model_cfg):
         self.input_names = model_inputs(model_cfg)
@@ -74,7 +75,7 @@ class MaskedLM:
                  special_ids=()):
         self.input_names = model_inputs(model_cfg)
         self.seed, self.pad_id, self.mask_id = seed, pad_id, mask_id
-        self.mask_prob = objective_cfg.mask_prob
+        self.mask_prob = self.predicted_fraction = objective_cfg.mask_prob
         self.keep_prob = objective_cfg.leave_unmasked_prob
         self.random_prob = objective_cfg.random_token_prob
         # Random replacements are ordinary tokens, never a special symbol (as in fairseq).

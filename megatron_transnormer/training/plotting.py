@@ -28,6 +28,9 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> Path | N
     import numpy as np
     ppl = ax.secondary_yaxis("right", functions=(lambda x: np.exp(np.clip(x, None, 700)),
                                                  lambda p: np.log(np.clip(p, 1e-300, None))))
+    low, high = np.exp(np.clip(ax.get_ylim(), None, 700))
+    ticks = [m * 10 ** e for e in range(0, 7) for m in (1, 2, 5) if low <= m * 10 ** e <= high]
+    ppl.set_yticks(ticks, [f"{t:g}" for t in ticks])
     ppl.set_ylabel("perplexity")
     if title:
         ax.set_title(title)

@@ -173,7 +173,8 @@ class Runtime:
             grad_norm = self._norm_hook.last_norm
         else:
             grad_norm = self.engine.get_global_grad_norm()
-        tokens = self.cfg.train.global_batch_size * prepared[0][0][0].shape[1]
+        seq_len = prepared[0][0][0].shape[1]  # of the input ids, [micro_batch, seq_len]
+        tokens = self.cfg.train.global_batch_size * seq_len
         return StepResult(loss=loss_sum / max(count, 1.0),
                           grad_norm=float("nan") if grad_norm is None else float(grad_norm),
                           lr=lr, tokens=tokens, labels=int(count), skipped=self.engine.skipped_steps > skipped_before)
@@ -208,13 +209,14 @@ class Runtime:
         inputs, labels = self._prepare(batch)
         if self.pipelined:
             loss_sum = self._eval_pipelined(inputs, labels)
-        else:
-            self.engine.eval()
-            try:
-                loss_sum = _dp_sum([self.objective.loss_sum(self.engine(*inputs), labels)], self.layout.device)[0]
-            finally:
-                self.engine.train()
-        (count,) = _dp_sum([label_count(labels)], self.layout.device)
+            (count,) = _dp_sum([label_count(labels)], self.layout.device)
+            return loss_sum, int(count)
+        self.engine.eval()
+        try:
+            local = self.objective.loss_sum(self.engine(*inputs), labels)
+        finally:
+            self.engine.train()
+        loss_sum, count = _dp_sum([local, label_count(labels)], self.layout.device)
         return loss_sum, int(count)
 
     def _eval_pipelined(self, inputs, labels) -> float:

@@ -155,4 +155,28 @@ def test_head_and_attention_direction_must_agree():
     with pytest.raises(ConfigError, match="model.max_positions: 64 learned positions cannot cover"):
         validate_config(load_config("alm/tiny_cpu", ["model.positions=learned", "model.max_positions=64",
                                                      "data.seq_len=128"]))
-    assert math.isfinite(flops_per_token(small_config(**BLM), 512))
+    # A masked LM projects only its predicted positions: the head and the tied decoder's FLOPs
+    # scale with that share.
+    blm = small_config(**BLM)
+    d, v = blm.hidden_size, blm.vocab_size
+    head = d * d + d + 2 * d + v + v * d
+    assert flops_per_token(blm, 512) - flops_per_token(blm, 512, predicted=0.15) == pytest.approx(6 * 0.85 * head)
+    assert math.isfinite(flops_per_token(blm, 512))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_positions_are_inputs_and_only_differences_matter(causal):
+    """The attention layers see positions only through LRPE (relative), so a slice that
+    starts at a block-aligned offset, as a context-parallel rank's or a decoding step's,
+    mixes exactly as at offset 0; the absolute position embeddings do see the offset."""
+    cfg = small_config(hidden_size=16, num_heads=2, block_size=8, causal=causal)
+    x = torch.randn(2, 21, 16, dtype=torch.float64)
+    at = lambda offset: (torch.arange(21) + offset).unsqueeze(0)  # noqa: E731
+    for layer in (DiagAttention(cfg, 0), NormAttention(cfg, 3)):
+        from megatron_transnormer.parallel.tensor_parallel import initialize_parameters
+        initialize_parameters(layer, 0)
+        layer.double()
+        torch.testing.assert_close(layer(x, at(64)), layer(x, at(0)), rtol=1e-9, atol=1e-9)
+    model = _model(**dict(BLM, max_positions=128))
+    ids = torch.randint(2, 96, (1, 21))
+    assert not torch.allclose(model(ids, at(64)), model(ids, at(0)))

@@ -82,25 +82,33 @@ def _compile_variants(arch: int, all_configs: bool, dtype: str):
     ptr = f"*{dtype}"
     prec = "ieee" if dtype == "fp32" else "tf32"  # what dot_precision() picks
     for d in (128, 64):
-        scan_types = dict(A=ptr, B=ptr, C=ptr, OUT=ptr, STATES="*fp32", LOG2_DECAY="*fp32",
-                          N="i32", H="i32", DA="i32", DC="i32", SEG_BLOCKS="i32")
+        scan_types = dict(A=ptr, B=ptr, C=ptr, OUT=ptr, STATES="*fp32", LOG2_DECAY="*fp32", INIT="*fp32",
+                          FINAL="*fp32", N="i32", H="i32", DA="i32", DC="i32", SEG_BLOCKS="i32")
         for config in configs(na):
             for decay in (False, True):
                 for reverse in (False, True):
                     for mode in (na.PLAIN, na.SEGMENT_STATE, na.SEGMENT_SCAN):
                         if d == 64 and (mode != na.PLAIN or reverse):
                             continue
-                        consts = dict(HAS_DECAY=decay, REVERSE=reverse, MODE=mode, PREC=prec, BLOCK_N=na.BLOCK_N,
-                                      BLOCK_DA=d)
-                        name = (f"scan d={d} C={config.kwargs['BLOCK_C']} w={config.num_warps} s={config.num_stages}"
-                                f" decay={int(decay)} rev={int(reverse)} mode={mode}")
-                        yield name, build(na._scan_kernel, scan_types, consts, config)
+                        # A carried state in and out: the plain forward scan at d=128 (context
+                        # parallelism, decoding), the final state of the plain reverse one (dS₀).
+                        carried = [(False, False)]
+                        if d == 128 and mode == na.PLAIN:
+                            carried.append((False, True) if reverse else (True, True))
+                        for has_init, has_final in carried:
+                            consts = dict(HAS_DECAY=decay, REVERSE=reverse, MODE=mode, PREC=prec,
+                                          BLOCK_N=na.BLOCK_N, BLOCK_DA=d, HAS_INIT=has_init, HAS_FINAL=has_final)
+                            name = (f"scan d={d} C={config.kwargs['BLOCK_C']} w={config.num_warps} "
+                                    f"s={config.num_stages} decay={int(decay)} rev={int(reverse)} mode={mode}"
+                                    f" state={int(has_init)}{int(has_final)}")
+                            yield name, build(na._scan_kernel, scan_types, consts, config)
         if d == 128:
             for decay in (False, True):
                 for reverse in (False, True):
-                    consts = dict(HAS_DECAY=decay, REVERSE=reverse, BLOCK=1024)
+                    consts = dict(HAS_DECAY=decay, REVERSE=reverse, HAS_INIT=not reverse, HAS_FINAL=True, BLOCK=1024)
+                    types = dict(STATES="*fp32", LOG2_DECAY="*fp32", INIT="*fp32", FINAL="*fp32")
                     yield (f"carry decay={int(decay)} rev={int(reverse)}",
-                           build(na._carry_kernel, dict(STATES="*fp32", LOG2_DECAY="*fp32"), consts, triton.Config({})))
+                           build(na._carry_kernel, types, consts, triton.Config({})))
         for kernel, extra in ((diag._diag_fwd, dict(OUT=ptr)), (diag._diag_bwd, dict(DO=ptr, DQ=ptr, DK=ptr, DVAL=ptr))):
             types = dict(Q=ptr, K=ptr, V=ptr, N="i32", DQK="i32", DV="i32", **extra)
             # The model's 64-token blocks; at d=128 also the other sizes the dispatcher accepts.
@@ -177,8 +185,8 @@ def _methods(names):
                 for t in (q, k, v)] + [lam]
 
     table = {
-        "triton": (same, lambda q, k, v, lam: kernels.norm_attention(q, k, v, decay=lam, backend="triton")),
-        "torch": (same, lambda q, k, v, lam: kernels.norm_attention(q, k, v, decay=lam, backend="torch")),
+        "triton": (same, lambda q, k, v, lam: kernels.norm_attention(q, k, v, decay=lam, backend="triton")[0]),
+        "torch": (same, lambda q, k, v, lam: kernels.norm_attention(q, k, v, decay=lam, backend="torch")[0]),
         "sdpa_flash": (same, sdpa_run),
         "triton_diag": (same, lambda q, k, v, lam: kernels.diag_attention(q, k, v, backend="triton")),
         "torch_diag": (same, lambda q, k, v, lam: kernels.diag_attention(q, k, v, backend="torch")),

@@ -55,15 +55,20 @@ def _autocast(*tensors):
     return tuple(t.to(dtype) if t.dtype == torch.float32 else t for t in tensors)
 
 
-def norm_attention(q, k, v, causal: bool = True, decay=None, backend: str = "auto"):
+def norm_attention(q, k, v, causal: bool = True, decay=None, initial_state=None, output_final_state: bool = False,
+                   backend: str = "auto"):
+    """-> (output [B, H, N, E], final state [B, H, D, E] fp32 or None); see reference.norm_attention."""
     unsupported = None if dtypes_supported(q, k, v) else "dtypes other than fp16/bf16/fp32"
     if not causal:
         unsupported = "bidirectional NormAttention (plain PyTorch is the fast path)"
     elif decay is not None and decay.requires_grad:
         unsupported = "a trainable decay (its gradient)"
     if _use_triton(backend, q, unsupported):
-        return _kernels("norm_attention").causal_norm_attention(*_autocast(q, k, v), decay=decay)
-    return reference.norm_attention(q, k, v, causal=causal, decay=decay)
+        return _kernels("norm_attention").causal_norm_attention(*_autocast(q, k, v), decay=decay,
+                                                                initial_state=initial_state,
+                                                                output_final_state=output_final_state)
+    return reference.norm_attention(q, k, v, causal=causal, decay=decay, initial_state=initial_state,
+                                    output_final_state=output_final_state)
 
 
 def diag_attention(q, k, v, block_size: int = 64, causal: bool = True, kind: str = "softmax",

@@ -12,29 +12,54 @@ import torch.nn.functional as F
 CHUNK = 64
 
 
-def norm_attention_quadratic(q, k, v, causal: bool = True, decay=None):
-    """The direct formula: O = (Q Kᵀ ⊙ M) V, M lower-triangular (or λ^(s-t) with decay).
+def _powers(decay, exponent: torch.Tensor, dtype) -> torch.Tensor:
+    """λ_h^exponent for every head: [H, *exponent.shape] (exponent >= 0)."""
+    return decay.to(dtype).view(-1, *([1] * exponent.dim())) ** exponent.to(dtype)
 
-    Quadratic in N; for tests and short sequences only.
+
+def norm_attention_quadratic(q, k, v, causal: bool = True, decay=None, initial_state=None,
+                             output_final_state: bool = False):
+    """The direct formula: O = (Q Kᵀ ⊙ M) V, M lower-triangular (or λ^(t-s) with decay), plus
+    the carried state's part: row t gets λ^(t+1) q_t S₀ (bidirectional: O = Q (S₀ + Kᵀ V)).
+    The final state is S_N = λ^N S₀ + Σ_s λ^(N-1-s) k_s v_sᵀ (bidirectional: S₀ + Kᵀ V).
+
+    Quadratic in N; for tests and short sequences only. Returns (O, S_N or None).
     """
     n = q.shape[-2]
+    if not causal:
+        kv = k.transpose(-1, -2) @ v
+        if initial_state is not None:
+            kv = kv + initial_state.to(kv.dtype)
+        return q @ kv, (kv if output_final_state else None)
     scores = q @ k.transpose(-1, -2)
-    if causal:
-        idx = torch.arange(n, device=q.device)
-        diff = (idx[:, None] - idx[None, :]).to(q.dtype)
-        mask = diff >= 0
-        if decay is not None:
-            lam = decay.to(q.dtype).view(-1, 1, 1)
-            weight = torch.where(mask, lam ** diff.clamp(min=0), torch.zeros((), dtype=q.dtype, device=q.device))
-            scores = scores * weight
-        else:
-            scores = scores.masked_fill(~mask, 0.0)
-    return scores @ v
+    idx = torch.arange(n, device=q.device)
+    diff = idx[:, None] - idx[None, :]
+    mask = diff >= 0
+    if decay is not None:
+        weight = torch.where(mask, _powers(decay, diff.clamp(min=0), q.dtype), torch.zeros((), dtype=q.dtype))
+        scores = scores * weight
+    else:
+        scores = scores.masked_fill(~mask, 0.0)
+    out = scores @ v
+    lam = (lambda e: _powers(decay, e, q.dtype).unsqueeze(-1)) if decay is not None else (lambda e: 1.0)  # noqa: E731
+    if initial_state is not None:
+        out = out + (lam(idx + 1) * q) @ initial_state.to(q.dtype)
+    final = None
+    if output_final_state:
+        final = (lam(n - 1 - idx) * k).transpose(-1, -2) @ v
+        if initial_state is not None:
+            carried = _powers(decay, torch.tensor(n), q.dtype).view(-1, 1, 1) if decay is not None else 1.0
+            final = final + carried * initial_state.to(q.dtype)
+    return out, final
 
 
-def _causal_chunked(q, k, v, decay, chunk: int):
+def _causal_chunked(q, k, v, decay, chunk: int, initial_state, output_final_state: bool):
     b, h, n, d = q.shape
     e = v.shape[-1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    if n == 0:  # an empty slice passes the state on unchanged
+        state = q.new_zeros(b, h, d, e, dtype=acc) if initial_state is None else initial_state.to(acc)
+        return v.new_zeros(b, h, 0, e), (state if output_final_state else None)
     pad = (-n) % chunk
     if pad:
         # Zero keys/values add nothing to any state; padded queries are dropped.
@@ -45,51 +70,66 @@ def _causal_chunked(q, k, v, decay, chunk: int):
     diff = (idx[:, None] - idx[None, :]).to(torch.float64)
     if decay is None:
         intra_mask = (diff >= 0).to(q.dtype)
-        q_decay = k_decay = None
-        block_decay = None
     else:
         lam = decay.to(torch.float64).view(h, 1, 1)
         intra_mask = torch.where(diff >= 0, lam ** diff.clamp(min=0), torch.zeros(()))  # [H, c, c]
         intra_mask = intra_mask.to(q.dtype).view(1, h, 1, chunk, chunk)
-        acc = torch.promote_types(q.dtype, torch.float32)
         pos = idx.to(torch.float64)
         lam = decay.to(torch.float64).view(h, 1)
         q_decay = (lam ** (pos + 1)).view(1, h, chunk, 1).to(acc)
-        k_decay = (lam ** (chunk - 1 - pos)).view(1, h, chunk, 1).to(acc)
-        block_decay = (lam ** chunk).view(1, h, 1, 1).to(acc)
+
+        def k_decay(length):  # a key's weight entering the state at the end of a chunk of `length`
+            return (lam ** (length - 1 - pos).clamp(min=0)).view(1, h, chunk, 1).to(acc)
+
+        def chunk_decay(length):
+            return (lam ** length).view(1, h, 1, 1).to(acc)
     # Inside a chunk: the masked quadratic form.
     out = ((qc @ kc.transpose(-1, -2)) * intra_mask) @ vc
-    # Across chunks: a running Kᵀ V state, at least fp32.
-    acc = torch.promote_types(q.dtype, torch.float32)
-    state = q.new_zeros(b, h, d, e, dtype=acc)
+    # Across chunks: a running Kᵀ V state, at least fp32, starting from the carried one.
+    state = q.new_zeros(b, h, d, e, dtype=acc) if initial_state is None else initial_state.to(acc)
     inter = []
     # unbind, not qc[:, :, i]: the backward of indexing materialises a zero tensor of the
     # whole input per chunk (quadratic in the length); unbind's backward is one stack.
-    for qi, ki, vi in zip(qc.to(acc).unbind(2), kc.to(acc).unbind(2), vc.to(acc).unbind(2)):
+    for i, (qi, ki, vi) in enumerate(zip(qc.to(acc).unbind(2), kc.to(acc).unbind(2), vc.to(acc).unbind(2))):
         if decay is None:
             inter.append(qi @ state)
             state = state + ki.transpose(-1, -2) @ vi
         else:
+            # The last chunk may be partial: its state is taken at the last real token, so
+            # that the final state is Σ λ^(N-1-s) k_s v_sᵀ (padding rows are zero anyway).
+            length = chunk - pad if i == c - 1 else chunk
             inter.append((qi * q_decay) @ state)
-            state = block_decay * state + (ki * k_decay).transpose(-1, -2) @ vi
+            state = chunk_decay(length) * state + (ki * k_decay(length)).transpose(-1, -2) @ vi
     out = out + torch.stack(inter, dim=2).to(out.dtype)
-    return out.reshape(b, h, c * chunk, e)[:, :, :n]
+    return out.reshape(b, h, c * chunk, e)[:, :, :n], (state if output_final_state else None)
 
 
-def norm_attention(q, k, v, causal: bool = True, decay=None, chunk_size: int = CHUNK):
-    """NormAttention's mixing before the norm, in linear time and memory.
+def norm_attention(q, k, v, causal: bool = True, decay=None, initial_state=None, output_final_state: bool = False,
+                   chunk_size: int = CHUNK):
+    """NormAttention's mixing before the norm, in linear time and memory -> (O, final state).
 
     causal: O = (Q Kᵀ ⊙ M) V computed chunk by chunk (quadratic inside a chunk of
     `chunk_size` tokens, a running Kᵀ V state across chunks); equals
     `norm_attention_quadratic` to rounding. Bidirectional: O = Q (Kᵀ V).
     decay: optional per-head λ_h in (0, 1], shape [H] (TransNormerLLM's decay):
     o_t = Σ_{s≤t} λ^(t-s) (q_t·k_s) v_s.
+    initial_state: [B, H, D, E], the state Σ_{s<0} λ^(-1-s) k_s v_sᵀ of the tokens before
+    this slice (a previous chunk, an earlier context-parallel rank, the decoding cache);
+    row t then also gets λ^(t+1) q_t S₀. output_final_state: also return the state after
+    the last token, S_N = λ^N S₀ + Σ_s λ^(N-1-s) k_s v_sᵀ, in fp32 (at least); else None.
+    Gradients flow to initial_state as to q, k, v.
     """
     if not causal:
         if decay is not None:
             raise ValueError("decay is defined for causal NormAttention only")
-        return q @ (k.transpose(-1, -2) @ v)
-    return _causal_chunked(q, k, v, decay, chunk_size)
+        if initial_state is None and not output_final_state:
+            return q @ (k.transpose(-1, -2) @ v), None
+        acc = torch.promote_types(q.dtype, torch.float32)
+        kv = (k.transpose(-1, -2) @ v).to(acc)
+        if initial_state is not None:
+            kv = kv + initial_state.to(acc)
+        return q @ kv.to(q.dtype), (kv if output_final_state else None)
+    return _causal_chunked(q, k, v, decay, chunk_size, initial_state, output_final_state)
 
 
 def diag_attention(q, k, v, block_size: int = 64, causal: bool = True, kind: str = "softmax",

@@ -116,8 +116,8 @@ class NormAttention(_Mixer):
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
         q = self.lrpe(self.feature_map(q), positions)
         k = _drop_padding_keys(self.lrpe(self.feature_map(k), positions), valid)
-        o = kernels.norm_attention(q, k, v, causal=self.causal, decay=self.decay_on(x.device),
-                                   backend=self.backend)
+        o, _ = kernels.norm_attention(q, k, v, causal=self.causal, decay=self.decay_on(x.device),
+                                      backend=self.backend)
         return self.project_out(self.norm(self.merge(o)))
 
 
@@ -196,7 +196,7 @@ class LinearEluAttention(_Mixer):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
         q, k = 1.0 + F.elu(q), _drop_padding_keys(1.0 + F.elu(k), valid)
-        num = kernels.norm_attention(q, k, v, causal=self.causal, backend=self.backend)
+        num, _ = kernels.norm_attention(q, k, v, causal=self.causal, backend=self.backend)
         acc = torch.promote_types(q.dtype, torch.float32)
         k_sum = k.to(acc).cumsum(dim=2) if self.causal else k.to(acc).sum(dim=2, keepdim=True)
         den = (q.to(acc) * k_sum).sum(dim=-1, keepdim=True)

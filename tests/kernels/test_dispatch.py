@@ -21,7 +21,7 @@ def test_import_needs_neither_triton_nor_interpreter():
 def test_auto_on_cpu_is_the_reference():
     q, k, v = (torch.randn(2, 2, 75, 16) for _ in range(3))
     lam = torch.tensor([0.9, 0.5])
-    assert torch.equal(kernels.norm_attention(q, k, v, decay=lam), reference.norm_attention(q, k, v, decay=lam))
+    assert torch.equal(kernels.norm_attention(q, k, v, decay=lam)[0], reference.norm_attention(q, k, v, decay=lam)[0])
     assert torch.equal(kernels.diag_attention(q, k, v, kind="relu"), reference.diag_attention(q, k, v, kind="relu"))
     assert torch.equal(kernels.simple_rms_norm(q), reference.simple_rms_norm(q))
 
@@ -51,7 +51,7 @@ def test_dtypes(device):
     # Mixed fp16/fp32 inputs run in the common dtype; each gradient comes back in its input's dtype.
     q16 = torch.randn(1, 2, 70, 32, device=device, dtype=torch.float16, requires_grad=True)
     v32 = torch.randn(1, 2, 70, 32, device=device, requires_grad=True)
-    out = kernels.norm_attention(q16, q16, v32, backend="triton")
+    out, _ = kernels.norm_attention(q16, q16, v32, backend="triton")
     assert out.dtype == torch.float32
     out.sum().backward()
     assert q16.grad.dtype == torch.float16 and v32.grad.dtype == torch.float32
@@ -61,8 +61,8 @@ def test_autocast_casts_fp32_inputs(device):
     # fp16: the interpreter's bf16 arithmetic is wrong, fp16 is exact enough.
     q, k, v = (torch.randn(1, 2, 100, 32, device=device) / 4 for _ in range(3))
     with torch.autocast(device, dtype=torch.float16):
-        for name in ("norm_attention", "diag_attention"):
-            ours = getattr(kernels, name)(q, k, v, backend="triton")
-            ref = getattr(kernels, name)(q, k, v, backend="torch")
+        for name, out in (("norm_attention", lambda r: r[0]), ("diag_attention", lambda r: r)):
+            ours = out(getattr(kernels, name)(q, k, v, backend="triton"))
+            ref = out(getattr(kernels, name)(q, k, v, backend="torch"))
             assert ours.dtype == ref.dtype == torch.float16
             assert rel_err(ours, ref) < 1e-2

@@ -15,7 +15,7 @@ RULES = {
     f"{PACKAGE}.config": ((), ("torch", "deepspeed", "megatron")),
     f"{PACKAGE}.data": ((), ("deepspeed", "megatron")),
     f"{PACKAGE}.evaluation": ((), ("deepspeed", "megatron")),
-    f"{PACKAGE}.parallel": ((), ()),
+    f"{PACKAGE}.parallel": (("kernels",), ()),  # the context-parallel form of the attention kernels
     f"{PACKAGE}.model": (("kernels", f"{PACKAGE}.parallel"), ("deepspeed",)),
     f"{PACKAGE}.training": (("kernels", f"{PACKAGE}.config", f"{PACKAGE}.data", f"{PACKAGE}.evaluation",
                              f"{PACKAGE}.parallel", f"{PACKAGE}.model"), ()),

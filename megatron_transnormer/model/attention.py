@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from ..parallel import context
 from ..parallel.tensor_parallel import tp_rank, tp_size
 from .init import constant, linear_default, xavier_uniform
 from .linear import column_linear, row_linear
@@ -116,8 +117,8 @@ class NormAttention(_Mixer):
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
         q = self.lrpe(self.feature_map(q), positions)
         k = _drop_padding_keys(self.lrpe(self.feature_map(k), positions), valid)
-        o, _ = kernels.norm_attention(q, k, v, causal=self.causal, decay=self.decay_on(x.device),
-                                      backend=self.backend)
+        # The kernel, or its context-parallel form when the sequence is split over ranks.
+        o = context.norm_attention(q, k, v, self.causal, decay=self.decay_on(x.device), backend=self.backend)
         return self.project_out(self.norm(self.merge(o)))
 
 
@@ -196,10 +197,9 @@ class LinearEluAttention(_Mixer):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
         q, k = 1.0 + F.elu(q), _drop_padding_keys(1.0 + F.elu(k), valid)
-        num, _ = kernels.norm_attention(q, k, v, causal=self.causal, backend=self.backend)
+        num = context.norm_attention(q, k, v, self.causal, backend=self.backend)
         acc = torch.promote_types(q.dtype, torch.float32)
-        k_sum = k.to(acc).cumsum(dim=2) if self.causal else k.to(acc).sum(dim=2, keepdim=True)
-        den = (q.to(acc) * k_sum).sum(dim=-1, keepdim=True)
+        den = (q.to(acc) * context.key_sums(k, self.causal)).sum(dim=-1, keepdim=True)
         o = (num.to(acc) / (den + self.EPS)).to(v.dtype)
         return self.project_out(self.merge(o))
 

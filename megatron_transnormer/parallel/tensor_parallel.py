@@ -78,11 +78,11 @@ def initialize_parameters(module: torch.nn.Module, seed: int, prefix: str = "") 
 
 
 class _AllReduceSumBothWays(torch.autograd.Function):
-    """Sum over the TP group in forward AND backward.
+    """Sum over a group in forward AND backward.
 
-    Right for a value computed from each rank's shard and then consumed by every rank's
-    shard (a norm statistic): each rank's incoming gradient covers only its own consumers,
-    so the gradient of every partial sum is the sum of them all.
+    Right for a value computed from each rank's part and then consumed by every rank (a
+    norm statistic over TP shards): each rank's incoming gradient covers only its own
+    consumers, so the gradient of every partial sum is the sum of them all.
     """
 
     @staticmethod
@@ -99,11 +99,13 @@ class _AllReduceSumBothWays(torch.autograd.Function):
         return grad, None
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of `x` over the TP group, autograd-correct for statistics shared by all shards."""
-    if tp_size() == 1:
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of `x` over `group` (default: the TP group), autograd-correct for a value every
+    rank then consumes (a norm statistic over TP shards, a state over context-parallel slices)."""
+    group = tp_group() if group is None else group
+    if dist.get_world_size(group) == 1:
         return x
-    return _AllReduceSumBothWays.apply(x, tp_group())
+    return _AllReduceSumBothWays.apply(x, group)
 
 
 def replicated_param(param: torch.Tensor) -> torch.Tensor:

@@ -32,18 +32,20 @@ class MegatronMPU:
     def get_tensor_model_parallel_src_rank(self) -> int:
         return ps.get_tensor_model_parallel_src_rank()
 
-    # Data parallel.
+    # Data parallel, for DeepSpeed: the ranks that hold the same parameters and average their
+    # gradients, i.e. data x context parallel (context-parallel ranks see other slices of
+    # the same samples; the data loader shards over data parallelism alone).
     def get_data_parallel_rank(self) -> int:
-        return ps.get_data_parallel_rank()
+        return ps.get_data_parallel_rank(with_context_parallel=True)
 
     def get_data_parallel_world_size(self) -> int:
-        return ps.get_data_parallel_world_size()
+        return ps.get_data_parallel_world_size(with_context_parallel=True)
 
     def get_data_parallel_group(self):
-        return ps.get_data_parallel_group()
+        return ps.get_data_parallel_group(with_context_parallel=True)
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(ps.get_data_parallel_group())
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
 
     # Pipeline parallel.
     def get_pipeline_model_parallel_rank(self) -> int:

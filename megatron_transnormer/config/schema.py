@@ -109,8 +109,12 @@ class ObjectiveConfig:
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    # Context parallelism: every sequence is split into this many contiguous slices, one per
+    # rank of a context-parallel group (parallel/context.py); the rank order is megatron-core's
+    # tp-cp-dp-pp. For long sequences: activation memory per rank falls with it.
+    context: int = 1
     zero_stage: int = 0  # 0..3; 2 and 3 need pipeline == 1
-    # Data-parallel size is derived: world_size / (tensor * pipeline).
+    # Data-parallel size is derived: world_size / (tensor * pipeline * context).
 
 
 @dataclass
@@ -122,6 +126,12 @@ class TrainConfig:
     seed: int = 1
     run_dir: str = "runs/default"
     resume: str = "auto"  # auto: latest complete checkpoint in run_dir; none; or a checkpoint path
+    # A run directory that already holds a run (metrics.jsonl, checkpoints) is continued by
+    # resume=auto and refused with resume=none or another run's checkpoint, unless overwrite
+    # is true: then its metrics, checkpoints, TensorBoard logs, plot and config.yaml are
+    # deleted first. With resume=auto overwrite changes nothing, so that a requeued job that
+    # repeats the command line (plus train.resume=auto) continues instead of starting over.
+    overwrite: bool = False
     save_interval: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     log_interval: int = 1
@@ -130,6 +140,20 @@ class TrainConfig:
     activation_checkpointing: bool = False
     tensorboard: bool = True
     plot: bool = True
+    # Seconds a rank waits in one collective (and for its peers at start-up) before it gives
+    # up with an error naming what it was doing, instead of hanging on a frozen, stuck or dead
+    # peer. Passed to init_process_group (gloo and NCCL both honour it) and to every group
+    # made after it. It must exceed the longest legitimate wait between two collectives: one
+    # rank writing its checkpoint shard or pruning old checkpoints, or fetching a remote
+    # shard, while the others wait. 600 s is NCCL's own default; gloo's would be 30 minutes.
+    collective_timeout_s: float = 600.0
+    # After SIGUSR1/SIGTERM the run checkpoints at the next step boundary. If none comes
+    # within this many seconds (a rank stuck in data loading or in a collective), the rank
+    # exits anyway: 0 when nothing was trained since the last checkpoint, else 128 + the
+    # signal number; a second signal before the boundary exits at once. Checkpoint writing
+    # does not count against it. 120 s leaves the rest of SLURM's 300 s warning
+    # (launch/*.slurm) for the checkpoint; raise it above the longest step.
+    stop_grace_s: float = 120.0
 
 
 @dataclass
@@ -251,19 +275,39 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
     _check(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
            f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     _check(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    _check(o.warmup_init_lr >= 0, "optim.warmup_init_lr", f"must be >= 0, got {o.warmup_init_lr}")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _check(o.clip_grad >= 0, "optim.clip_grad", f"must be >= 0, got {o.clip_grad}")
     _check(len(o.betas) == 2, "optim.betas", f"needs two values, got {o.betas}")
+    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}")
+    _check(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
+    for key in ("eval_batches", "eval_interval", "save_interval", "log_interval"):
+        _check(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    _check(bool(t.run_dir), "train.run_dir", "must not be empty")
+    for key in ("collective_timeout_s", "stop_grace_s"):
+        _check(getattr(t, key) > 0, f"train.{key}", f"must be positive, got {getattr(t, key)}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(d.seq_len >= 0, "data.seq_len", f"must be >= 0, got {d.seq_len}")
     if d.seq_len:
         check_sequence_length(cfg, d.seq_len)
 
+    _check(p.context >= 1, "parallel.context", f"must be >= 1, got {p.context}")
+    if p.context > 1:
+        # Softmax attention would need every slice's keys and values on every rank.
+        _check("softmax" not in m.layers, "parallel.context",
+               f"{p.context} with softmax attention in model.layers: it has no context-parallel form here; "
+               f"use parallel.context=1 for the softmax baseline")
+        _check(m.head != "classification", "parallel.context",
+               f"{p.context} with model.head=classification: pooling over a split sequence is not supported; "
+               f"use parallel.context=1")
     if world_size is not None:
-        mp = p.tensor * p.pipeline
+        mp = p.tensor * p.pipeline * p.context
         _check(world_size % mp == 0, "parallel",
                f"world size {world_size} is not divisible by tensor ({p.tensor}) x pipeline "
-               f"({p.pipeline}) = {mp}")
+               f"({p.pipeline}) x context ({p.context}) = {mp}")
         dp = world_size // mp
         per_update = t.micro_batch_size * dp
         _check(t.global_batch_size % per_update == 0, "train.global_batch_size",
@@ -275,11 +319,18 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
 def check_sequence_length(cfg: Config, seq_len: int) -> None:
     """The DiagAttention block must tile the training sequence; a learned position table
     must cover it (its size defaults to the sequence length)."""
-    m = cfg.model
+    m, cp = cfg.model, cfg.parallel.context
     if "diag" in m.layers:
         _check(seq_len % m.block_size == 0, "data.seq_len",
                f"sequence length {seq_len} cannot be tiled by model.block_size={m.block_size}; "
                f"use a multiple of {m.block_size}")
+    # Each context-parallel rank holds seq_len / context tokens; DiagAttention needs no
+    # exchange only when every slice is a whole number of its blocks.
+    unit = cp * (m.block_size if "diag" in m.layers else 1)
+    _check(seq_len % unit == 0, "parallel.context",
+           f"{cp} slices of data.seq_len={seq_len} tokens"
+           + (f" are not whole model.block_size={m.block_size} blocks" if "diag" in m.layers else " are unequal")
+           + f"; use a sequence length that is a multiple of {unit}")
     if m.positions == "learned":
         if m.max_positions == 0:
             m.max_positions = seq_len

@@ -4,6 +4,12 @@
 (`load_dataset_info`) to size the model's vocabulary and sequence length, and the
 evaluation reads its per-split token and word counts to turn token perplexity into
 word perplexity.
+
+Every path a manifest holds (its shards, its tokenizer file) is relative to the
+manifest's folder and stays inside it: a manifest comes with the data, and may come from
+someone else, so it must not make training read `/etc/...`, `../../elsewhere` or run a
+`pipe:` command. Shards are read from elsewhere only where the user's own config says
+so (`data.shards`, see `locate_shards`).
 """
 from __future__ import annotations
 
@@ -41,6 +47,29 @@ def _require(d: dict, key: str, where: str, kind=None):
     return value
 
 
+_SHARDS_ELSEWHERE = " (to read shards from elsewhere, set data.shards in the config)"
+
+
+def check_relative_name(name, what: str, hint: str = "") -> str:
+    """`name` if it is a path inside the manifest's folder; else DataError naming `what`
+    (e.g. '<manifest>: splits.train: shard') and the name."""
+    reason = None
+    if not isinstance(name, str) or not name:
+        reason = "not a non-empty string"
+    elif ":" in name.split("/", 1)[0]:  # what `locate_shards` users write as a URL or pipe:
+        reason = "a URL or command, not a file name"
+    elif os.path.isabs(name):
+        reason = "an absolute path"
+    elif ".." in name.split("/"):
+        reason = "a path that leaves the manifest's folder"
+    elif "\0" in name:
+        reason = "not a file name (it holds a NUL byte)"
+    if reason:
+        raise DataError(f"{what} {name!r} is {reason}; a manifest names its files by paths relative to its "
+                        f"own folder{hint}")
+    return name
+
+
 def validate_manifest(m: dict, where: str) -> dict:
     if m.get("format") != FORMAT:
         raise DataError(f"{where}: not a token dataset manifest (format={m.get('format')!r}, expected {FORMAT!r})")
@@ -55,13 +84,16 @@ def validate_manifest(m: dict, where: str) -> dict:
         raise DataError(f"{where}: vocab_size {m['vocab_size']} does not fit dtype uint16")
     if _require(m, "packing", where, str) not in ("causal", "mlm"):
         raise DataError(f"{where}: packing {m['packing']!r} is not 'causal' or 'mlm'")
-    _require(m, "tokenizer", where, dict)
+    tokenizer = _require(m, "tokenizer", where, dict)
+    if "file" in tokenizer:
+        check_relative_name(tokenizer["file"], f"{where}: tokenizer file")
     _require(m, "special", where, dict)
     for name, split in _require(m, "splits", where, dict).items():
         w = f"{where}: splits.{name}"
         for shard in _require(split, "shards", w, list):
             for key in ("name", "sha256", "samples", "tokens"):
                 _require(shard, key, w)
+            check_relative_name(shard["name"], f"{w}: shard", _SHARDS_ELSEWHERE)
         for key in ("tokens", "words", "samples"):
             _require(split, key, w, int)
     return m
@@ -138,20 +170,14 @@ class DatasetInfo:
                              f"or set data.seq_len=0")
 
 
-def resolve_shard(root: str, name: str) -> str:
-    # Names holding a scheme ("pipe:", "s3://", "file:") or an absolute path are used as is.
-    if ":" in name.split("/", 1)[0] or os.path.isabs(name):
-        return name
-    return os.path.join(root, name)
-
-
 def locate_shards(names: list[str], root: str, location: str = "") -> list[str]:
-    """Shard URLs from a location: '' (the manifest's folder), a template holding {name}
-    (e.g. 'pipe:curl -s https://host/ds/{name}'), a glob whose matches are taken by file
-    name, or a folder / URL prefix."""
+    """Shard URLs from a location: '' (the manifest's folder, which holds every shard its
+    manifest names: `check_relative_name`), or, from the user's config only, a template
+    holding {name} (e.g. 'pipe:curl -s https://host/ds/{name}'), a glob whose matches are
+    taken by file name, or a folder / URL prefix."""
     base = [os.path.basename(n) for n in names]
     if not location:
-        return [resolve_shard(root, n) for n in names]
+        return [os.path.join(root, check_relative_name(n, f"{root}: shard", _SHARDS_ELSEWHERE)) for n in names]
     if "{name}" in location:
         return [location.replace("{name}", n) for n in base]
     if glob.has_magic(location):

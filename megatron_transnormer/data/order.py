@@ -19,10 +19,15 @@ Samples travel with their index in the split in manifest order (the samples of t
 shards before theirs in the manifest, plus their place in their shard), which no
 order, layout or resume changes: per-sample randomness keyed by it is the same
 however the split is read.
+
+With `skip_corrupt` a shard that fails to read is skipped with a warning. A reader
+that has gone through a whole split's worth of positions without one readable sample
+stops with a DataError (`SkipGuard`) instead of skipping on forever, epoch after epoch.
 """
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator
@@ -85,8 +90,29 @@ def range_parts(shards: list[Shard], order, start: int, length: int) -> list[tup
     return parts
 
 
-def _sequential(parts, start: int, reading: Reading) -> Iterator[tuple[int, np.ndarray]]:
-    """(index in the split, sample) of `parts` in order, from position `start` of their concatenation."""
+class SkipGuard:
+    """Ends a reader that data.skip_corrupt would keep going without a sample: every shard
+    of the split is corrupt (or every one this reader is given). `skipped` collects the
+    skipped shards' errors (the last one is kept) as the reader's segments are read;
+    `segment_read` counts the positions of each segment that gave no sample and raises
+    once they reach a whole split, `total` positions: one pass for a single reader."""
+
+    def __init__(self, where: str, total: int, shards: int):
+        self.where, self.total, self.shards = where, total, shards
+        self.skipped: deque = deque(maxlen=1)
+        self.dry = 0  # positions in a row that gave no sample
+
+    def segment_read(self, positions: int, samples: int) -> None:
+        self.dry = 0 if samples else self.dry + positions
+        if self.dry >= self.total and self.skipped:
+            raise DataError(f"{self.where}: no readable sample in a whole pass over the split ({self.total} "
+                            f"samples in {self.shards} shards): every shard read was corrupt and skipped "
+                            f"(data.skip_corrupt); the last: {self.skipped[-1]}")
+
+
+def _sequential(parts, start: int, reading: Reading, skipped=None) -> Iterator[tuple[int, np.ndarray]]:
+    """(index in the split, sample) of `parts` in order, from position `start` of their
+    concatenation. `skipped`: a list (or deque) that collects the errors of shards skipped."""
     for shard, lo, hi, index in parts:
         if start >= hi - lo:
             start -= hi - lo
@@ -111,10 +137,12 @@ def _sequential(parts, start: int, reading: Reading) -> Iterator[tuple[int, np.n
             if not reading.skip_corrupt:
                 raise
             log.warning("skipping corrupt shard (data.skip_corrupt): %s", e)
+            if skipped is not None:
+                skipped.append(str(e))
 
 
 def iter_range(parts, key: tuple, buffer: int, start: int, stop: int,
-               reading: Reading) -> Iterator[tuple[int, np.ndarray]]:
+               reading: Reading, skipped=None) -> Iterator[tuple[int, np.ndarray]]:
     """(index, sample) at positions [start, stop) of `parts` shuffled in windows of `buffer`
     (none when buffer <= 1)."""
     total = sum(hi - lo for _, lo, hi, _ in parts)
@@ -122,10 +150,10 @@ def iter_range(parts, key: tuple, buffer: int, start: int, stop: int,
     if start >= stop:
         return
     if buffer <= 1:
-        yield from islice(_sequential(parts, start, reading), stop - start)
+        yield from islice(_sequential(parts, start, reading, skipped), stop - start)
         return
     window = start // buffer
-    source = _sequential(parts, window * buffer, reading)
+    source = _sequential(parts, window * buffer, reading, skipped)
     while window * buffer < stop:
         base = window * buffer
         size = min(buffer, total - base)
@@ -151,13 +179,15 @@ class Order:
     def total(self) -> int:
         return sum(s.samples for s in self.shards)
 
-    def segment(self, epoch: int, readers: int, reader: int, a: int, b: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(index in the split, sample) at positions [a, b) of reader `reader` of `readers` in `epoch`."""
+    def segment(self, epoch: int, readers: int, reader: int, a: int, b: int,
+                skipped=None) -> Iterator[tuple[int, np.ndarray]]:
+        """(index in the split, sample) at positions [a, b) of reader `reader` of `readers` in
+        `epoch`; `skipped` collects the errors of shards skipped as corrupt (SkipGuard.skipped)."""
         order = shard_order(len(self.shards), self.seed, epoch, self.shuffle)
         start, length = reader_range(self.total, readers, reader)
         parts = range_parts(list(self.shards), order, start, length)
         buffer = self.buffer if self.shuffle else 1
-        return iter_range(parts, (self.seed, epoch, readers, reader), buffer, a, b, self.reading)
+        return iter_range(parts, (self.seed, epoch, readers, reader), buffer, a, b, self.reading, skipped)
 
 
 def share(pending: list, readers: int, reader: int) -> list:

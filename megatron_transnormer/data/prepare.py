@@ -3,6 +3,11 @@
 Deterministic: the same text, options and seed give byte-identical files, whatever the
 number of workers (text is encoded in line-aligned chunks whose ids concatenate to the
 ids of the whole text, and results are gathered in input order).
+
+Every split the source defines is written and must hold at least one sample: an empty
+validation or test split (too few documents for the --split proportions) is an error
+naming it, not a dataset training later finds without one. With --source input a
+proportion of 0 leaves that split out on purpose.
 """
 from __future__ import annotations
 
@@ -59,6 +64,14 @@ BUNDLED = {
     "shakespeare": {"source": "shakespeare"},  # alm/tiny_cpu: causal samples of 256 + 1 ids
     "shakespeare-mlm": {"source": "shakespeare", "packing": "mlm", "seq_len": 128},  # blm/tiny_cpu
 }
+
+
+def requested_splits(o: PrepareOptions) -> tuple[str, ...]:
+    """The splits the dataset is to hold: all three, or with --source input train and those
+    whose --split proportion is positive."""
+    if o.source != "input":
+        return sources.SPLITS
+    return tuple(name for name, ratio in zip(sources.SPLITS, o.split_ratios) if ratio > 0 or name == "train")
 
 
 def load_text(o: PrepareOptions) -> dict[str, list[str]]:
@@ -157,8 +170,12 @@ def prepare(o: PrepareOptions) -> dict:
     if o.workers < 1:
         raise DataError(f"--workers {o.workers}: must be >= 1")
     texts = load_text(o)
-    if not texts.get("train"):
-        raise DataError(f"source {o.source}: the train split is empty")
+    for name in requested_splits(o):
+        if not texts.get(name):
+            how = (f"--split {','.join(f'{r:g}' for r in o.split_ratios)} gives it none of the "
+                   f"{sum(len(d) for d in texts.values())} documents; use more documents, --paragraphs "
+                   f"or a larger proportion" if o.source == "input" else "no text")
+            raise DataError(f"source {o.source}: the {name} split would be empty ({how})")
     os.makedirs(o.output, exist_ok=True)
     _remove_previous(o.output)
     tok = build_tokenizer(o, texts["train"])

@@ -4,7 +4,8 @@ A shard is a plain (ustar) tar whose members are `<key>.tokens`, each the raw
 little-endian token ids of one sample (`sample_len` ids of the manifest's dtype).
 Reading decodes nothing else: any other member (a pickle, a `.json`, ...) is rejected,
 so an untrusted shard cannot run code. Local shards are checked against the sha256 of
-the manifest before use; other URLs (`pipe:`, `http://`, ...) are streamed through
+the manifest before use; other URLs (`pipe:`, `http://`, ...), which only the user's
+`data.shards` can name (a manifest names files inside its folder), are streamed through
 webdataset's `gopen`.
 """
 from __future__ import annotations

@@ -30,7 +30,9 @@ tokens[:, 1:], and seq_len for masked-LM packing), and `keys`, a LongTensor
 mode; its index in the split in manifest order). A key is the same in every layout,
 with any number of workers and after any resume, so randomness seeded by it (a masked-LM
 mask) does not depend on how the split is read. With data.skip_corrupt a skipped
-shard's samples are missing from the stream and resuming is no longer exact.
+shard's samples are missing from the stream and resuming is no longer exact; a reader
+that finds no readable sample in a whole pass over the split (every shard corrupt)
+raises a DataError naming the split and the last bad shard (`order.SkipGuard`).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_transnormer.data.manifest import DataError, load_dataset_info
-from megatron_transnormer.data.order import Order, Reading, Shard, reader_range, share
+from megatron_transnormer.data.order import Order, Reading, Shard, SkipGuard, reader_range, share
 
 STATE_VERSION = 1
 _ORDER_KEYS = ("split", "seed", "shuffle", "shuffle_buffer")
@@ -73,8 +75,9 @@ def _stack(samples: Iterator[tuple[int, int, np.ndarray]], mb: int) -> Iterator[
 class _Plan:
     """Everything a reader needs; plain data so it travels to loader workers."""
 
-    def __init__(self, order: Order, dp_rank, dp_size, workers, mb, infinite, pending, next_epoch):
+    def __init__(self, order: Order, dp_rank, dp_size, workers, mb, infinite, pending, next_epoch, where=""):
         self.order = order
+        self.where = where  # "<manifest>: split 'train'", for errors
         self.dp_rank, self.dp_size, self.workers, self.mb = dp_rank, dp_size, workers, mb
         self.infinite = infinite
         self.pending, self.next_epoch = pending, next_epoch
@@ -95,11 +98,18 @@ class _Plan:
             start = 0
             epoch += 1
 
+    def _guard(self) -> SkipGuard:
+        return SkipGuard(self.where, self.order.total, len(self.order.shards))
+
     def reader_samples(self, readers: int, reader: int, start: int) -> Iterator[tuple[int, int, np.ndarray]]:
         """(epoch, index, sample) of reader `reader`'s stream from sample `start`."""
+        guard = self._guard()
         for e, r, j, a, b in self.reader_segments(readers, reader, start):
-            for index, sample in self.order.segment(e, r, j, a, b):
+            n = 0
+            for index, sample in self.order.segment(e, r, j, a, b, guard.skipped):
+                n += 1
                 yield e, index, sample
+            guard.segment_read(b - a, n)
 
     def infinite_batches(self, role: int, first_batch: int) -> Iterator[TokenBatch]:
         readers = self.dp_size * self.workers
@@ -113,16 +123,24 @@ class _Plan:
         if not wanted:
             return
         first = position + wanted[0] * stride + self.dp_rank * self.mb
-        samples = ((0, index, x) for index, x in self.order.segment(0, 1, 0, first, self.order.total))
+        guard, read = self._guard(), [0]
+
+        def counted(segment):
+            for index, x in segment:
+                read[0] += 1
+                yield 0, index, x
+        samples = counted(self.order.segment(0, 1, 0, first, self.order.total, guard.skipped))
         for t in wanted:
             lo = position + t * stride + self.dp_rank * self.mb
             while first < lo:  # samples of other ranks and other workers
-                if next(samples, None) is None:
-                    return  # shards skipped as corrupt shortened the pass
+                if next(samples, None) is None:  # shards skipped as corrupt shortened the pass
+                    guard.segment_read(self.order.total, read[0])
+                    return
                 first += 1
             batch = list(islice(samples, self.mb))
             first += self.mb
             if len(batch) < self.mb:
+                guard.segment_read(self.order.total, read[0])
                 return
             yield _batch(batch)
 
@@ -201,7 +219,8 @@ class TokenStream:
             raise DataError(f"{self.info.path}: split {split!r} has {self._order.total} samples, fewer than "
                             f"the {readers} readers (data-parallel size {dp_size} x loader workers "
                             f"{max(1, workers)})")
-        self._plan = _Plan(self._order, dp_rank, dp_size, max(1, workers), micro_batch_size, infinite, [], 0)
+        self._plan = _Plan(self._order, dp_rank, dp_size, max(1, workers), micro_batch_size, infinite, [], 0,
+                           where=f"{self.info.path}: split {split!r}")
         self._layout = {"split": split, "seed": seed, "shuffle": bool(shuffle), "shuffle_buffer": buffer,
                         "dp_size": dp_size, "num_workers": max(1, workers), "micro_batch_size": micro_batch_size}
         self._fingerprint = hashlib.sha256("".join(s.sha256 for s in shards).encode()).hexdigest()[:16]

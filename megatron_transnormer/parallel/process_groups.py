@@ -1,14 +1,16 @@
 """Process groups: torch.distributed from the launcher's environment, then megatron-core's groups.
 
 megatron-core's `parallel_state` is the single source of truth for the tensor (TP),
-pipeline (PP) and data (DP) parallel groups; everything else asks it.
+context (CP), pipeline (PP) and data (DP) parallel groups; everything else asks it.
 
-Rank order (megatron's default "tp-cp-ep-dp-pp"): TP varies fastest, then DP, then PP:
+Rank order (megatron's default "tp-cp-ep-dp-pp"): TP varies fastest, then CP, then DP,
+then PP:
 
-    global_rank = tp_rank + tp_size * (dp_rank + dp_size * pp_rank)
+    global_rank = tp_rank + tp_size * (cp_rank + cp_size * (dp_rank + dp_size * pp_rank))
 
 This is the same order as DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data,
-model), so a DeepSpeed pipeline built with that topology gets identical groups.
+model) when its data axis is CP x DP (the ranks that average gradients), so a DeepSpeed
+pipeline built with that topology gets identical groups.
 With TP=2, PP=2, 8 ranks: TP groups [0,1] [2,3] [4,5] [6,7]; DP groups [0,2] [1,3]
 [4,6] [5,7]; PP groups [0,4] [1,5] [2,6] [3,7].
 
@@ -25,6 +27,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,7 +36,8 @@ from megatron.core import parallel_state
 
 @dataclass(frozen=True)
 class Layout:
-    """Where this process sits in the TP x DP x PP grid."""
+    """Where this process sits in the TP x CP x DP x PP grid. dp_* is data parallelism alone
+    (the data loader's sharding); context-parallel ranks share their samples."""
 
     rank: int
     world_size: int
@@ -45,6 +49,8 @@ class Layout:
     dp_rank: int
     dp_size: int
     device: torch.device
+    cp_rank: int = 0
+    cp_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -136,14 +142,44 @@ def read_launch_env(env=None) -> LaunchEnv:
     return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=_free_port())
 
 
-def init_distributed(tensor: int = 1, pipeline: int = 1, backend: str | None = None) -> Layout:
-    """Start torch.distributed (if not yet) and megatron-core's TP/PP/DP groups.
+_TORCH_DEFAULT_TIMEOUTS = None  # torch's own group defaults, while `_set_group_defaults` replaced them
+
+
+def _set_group_defaults(timeout: timedelta | None) -> None:
+    """Make groups created without a timeout use `timeout` (None: torch's defaults again).
+
+    DeepSpeed's pipeline grid and tied-weight groups call `dist.new_group(ranks)` with no
+    timeout, which takes torch's per-backend default (30 minutes for gloo, 10 for NCCL),
+    read from these module attributes when the group is made. Replacing them is the only
+    way to give those groups the run's collective timeout too.
+    """
+    global _TORCH_DEFAULT_TIMEOUTS
+    c10d = dist.distributed_c10d
+    if _TORCH_DEFAULT_TIMEOUTS is None:
+        _TORCH_DEFAULT_TIMEOUTS = (c10d.default_pg_timeout, c10d.default_pg_nccl_timeout)
+    if timeout is None:
+        c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = _TORCH_DEFAULT_TIMEOUTS
+        _TORCH_DEFAULT_TIMEOUTS = None
+    else:
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+
+
+def init_distributed(tensor: int = 1, pipeline: int = 1, backend: str | None = None,
+                     timeout_s: float | None = None, context: int = 1) -> Layout:
+    """Start torch.distributed (if not yet) and megatron-core's TP/CP/DP/PP groups.
 
     Safe to call again: an existing process group is reused, and model-parallel groups
     of a different shape are rebuilt. backend: nccl when CUDA is present, else gloo.
+    timeout_s: how long any collective, and the start-up rendezvous, may wait for a peer
+    before it raises (`train.collective_timeout_s`); it applies to the default group,
+    megatron-core's groups and groups made later (DeepSpeed's). None: torch's defaults.
+    Only a new process group takes it.
     """
-    if tensor < 1 or pipeline < 1:
-        raise ValueError(f"tensor={tensor} and pipeline={pipeline} must be >= 1")
+    if tensor < 1 or pipeline < 1 or context < 1:
+        raise ValueError(f"tensor={tensor}, pipeline={pipeline} and context={context} must be >= 1")
+    if timeout_s is not None and timeout_s <= 0:
+        raise ValueError(f"timeout_s={timeout_s} must be positive")
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
     launch = read_launch_env()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -167,18 +203,23 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, backend: str | None = N
             os.environ.setdefault(key, str(value))
         # env:// (not tcp://): under torchrun it joins the agent's store instead of binding its port.
         dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size,
-                                init_method="env://")
+                                init_method="env://", **({} if timeout is None else {"timeout": timeout}))
+        if timeout is not None:
+            _set_group_defaults(timeout)
     world = dist.get_world_size()
-    if world % (tensor * pipeline):
-        raise ValueError(f"world size {world} is not divisible by tensor ({tensor}) x pipeline ({pipeline})")
+    if world % (tensor * pipeline * context):
+        raise ValueError(f"world size {world} is not divisible by tensor ({tensor}) x pipeline ({pipeline}) "
+                         f"x context ({context})")
     if parallel_state.model_parallel_is_initialized():
         if (parallel_state.get_tensor_model_parallel_world_size() != tensor
-                or parallel_state.get_pipeline_model_parallel_world_size() != pipeline):
+                or parallel_state.get_pipeline_model_parallel_world_size() != pipeline
+                or parallel_state.get_context_parallel_world_size() != context):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         # Extra gloo groups only matter next to nccl; under gloo they would duplicate every group.
-        parallel_state.initialize_model_parallel(tensor, pipeline,
-                                                 create_gloo_process_groups=backend == "nccl")
+        minutes = {} if timeout is None else {"distributed_timeout_minutes": timeout.total_seconds() / 60}
+        parallel_state.initialize_model_parallel(tensor, pipeline, context_parallel_size=context,
+                                                 create_gloo_process_groups=backend == "nccl", **minutes)
     return current_layout()
 
 
@@ -197,7 +238,9 @@ def current_layout() -> Layout:
                   pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
                   dp_rank=parallel_state.get_data_parallel_rank(),
                   dp_size=parallel_state.get_data_parallel_world_size(),
-                  device=device)
+                  device=device,
+                  cp_rank=parallel_state.get_context_parallel_rank(),
+                  cp_size=parallel_state.get_context_parallel_world_size())
 
 
 def destroy_distributed() -> None:
@@ -206,3 +249,5 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    if _TORCH_DEFAULT_TIMEOUTS is not None:
+        _set_group_defaults(None)

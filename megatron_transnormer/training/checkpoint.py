@@ -7,30 +7,45 @@ Layout of one checkpoint directory:
     data stream position), loaded with `weights_only=True`;
   * `meta.json` (rank 0): the step, the parallel layout, ZeRO stage, precision and the model
     settings that shape its tensors, so that `pretrain.py` can refuse to resume under
-    another layout before any process group exists (`layout_differences`).
+    another layout before any process group exists (`layout_differences`);
+  * `checksums.json`: the size and sha256 of every other file, so that a damaged
+    checkpoint is found before anything of it is read.
 
-Every rank writes into `step_00000100.tmp/`; after a barrier rank 0 renames it to
-`step_00000100/` (a directory without `.tmp` is therefore complete), then points
-`latest` at it (temp file + os.replace) and prunes old checkpoints. The root must be on a
-file system all ranks share.
+Every rank writes into `step_00000100.tmp/`; after a barrier each rank hashes its share
+of the files, then rank 0 writes checksums.json, renames the directory to
+`step_00000100/` (a directory without `.tmp` is therefore complete, checksums included),
+points `latest` at it (temp file + os.replace) and only then prunes checkpoints older
+than it. The root must be on a file system all ranks share.
+
+Loading checks every file against checksums.json (each rank a share, the verdict
+agreed by all ranks) and reads every file with torch's weights-only unpickler
+(`deepspeed_loading`): a checkpoint is data, never code. `latest_checkpoint` skips a
+damaged checkpoint for the newest intact one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import rng
+from .deepspeed_loading import CheckpointError, install, load_weights_only, refusal
+
+log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 RUN_SUBDIR = "checkpoints"  # <train.run_dir>/checkpoints/step_NNNNNNNN
 META_FILE = "meta.json"
+CHECKSUM_FILE = "checksums.json"
+_SHARE_PREFIX = "checksums.rank_"  # one rank's share of the checksums, inside step_N.tmp only
 
 
 def step_dirname(step: int) -> str:
@@ -47,20 +62,34 @@ def _complete_checkpoints(root: Path) -> list[Path]:
 
 def latest_checkpoint(root: str | os.PathLike) -> str | None:
     """The checkpoint `latest` names; else the newest complete one (a crash between the
-    rename and the pointer update leaves the pointer one behind or absent); else None."""
+    rename and the pointer update leaves the pointer one behind or absent, and a pointer
+    at a directory that is gone is ignored). One whose files do not match its checksums is
+    skipped, with a warning naming it, for the next newest. None if root holds no complete
+    checkpoint; CheckpointError if it holds some but none is intact."""
     root = Path(root)
+    candidates = _complete_checkpoints(root)[::-1]
     pointer = root / "latest"
     if pointer.is_file():
-        name = pointer.read_text().strip()
+        name = pointer.read_text(errors="replace").strip()
         if _STEP_DIR.match(name) and (root / name).is_dir():
-            return str(root / name)
-    complete = _complete_checkpoints(root)
-    return str(complete[-1]) if complete else None
+            candidates = [root / name] + [p for p in candidates if p.name != name]
+    damaged = []
+    for path in candidates:
+        problem = _damage(path)
+        if problem is None:
+            return str(path)
+        log.warning(f"skipping a damaged checkpoint: {problem}")
+        damaged.append(problem)
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint under {root}: " + "; ".join(damaged)
+                              + "; start a new run with train.resume=none (and another train.run_dir)")
+    return None
 
 
 def resume_target(resume: str, root: str | os.PathLike) -> str | None:
-    """The checkpoint `train.resume` names: auto -> the latest complete one under root
-    (None if there is none), none -> None, else the path itself."""
+    """The checkpoint `train.resume` names: auto -> the latest intact one under root
+    (`latest_checkpoint`; None if there is none), none -> None, else the path itself
+    (checked when it is loaded)."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -77,7 +106,8 @@ _SHAPE_KEYS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "
 # optimizers refuse another data-parallel size, and the per-rank files (RNG, data position)
 # exist per global rank, so the data-parallel size counts as much as tensor and pipeline.
 _RESUME_KEYS = (("world_size", "world size"), ("tensor", "parallel.tensor"),
-                ("pipeline", "parallel.pipeline"), ("data_parallel", "data-parallel size"),
+                ("pipeline", "parallel.pipeline"), ("context", "parallel.context"),
+                ("data_parallel", "data-parallel size"),
                 ("zero_stage", "parallel.zero_stage"), ("precision", "train.precision"),
                 *((f"model.{k}", f"model.{k}") for k in _SHAPE_KEYS))
 
@@ -85,8 +115,8 @@ _RESUME_KEYS = (("world_size", "world size"), ("tensor", "parallel.tensor"),
 def layout_record(cfg, world_size: int) -> dict:
     """meta.json's content apart from the step, for a (validated) config on world_size ranks."""
     p = cfg.parallel
-    return {"world_size": world_size, "tensor": p.tensor, "pipeline": p.pipeline,
-            "data_parallel": world_size // (p.tensor * p.pipeline), "zero_stage": p.zero_stage,
+    return {"world_size": world_size, "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context,
+            "data_parallel": world_size // (p.tensor * p.pipeline * p.context), "zero_stage": p.zero_stage,
             "precision": cfg.train.precision, "model": {k: getattr(cfg.model, k) for k in _SHAPE_KEYS}}
 
 
@@ -122,6 +152,177 @@ def layout_differences(saved: dict, current: dict) -> list[tuple[str, object, ob
     return out
 
 
+# --- checksums.json: {"files": {name: {"bytes": size, "sha256": hex digest}}} for every
+# file of the checkpoint but itself (names relative to the checkpoint, "/"-separated).
+
+# What a file's problem code means; `_verify` agrees on the codes across ranks.
+_MISSING, _SIZE, _SHA256, _UNLOADABLE = 1, 2, 3, 4
+_WHAT = {_MISSING: "is missing or unreadable", _SIZE: "does not have the size checksums.json records",
+         _SHA256: "does not match its sha256 in checksums.json: corrupt or replaced",
+         _UNLOADABLE: "is refused by the weights-only loader"}
+
+
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(directory: Path) -> list[str]:
+    """Every file under directory that checksums.json covers, sorted."""
+    out = []
+    for parent, _, names in os.walk(directory):
+        for n in names:
+            rel = Path(parent, n).relative_to(directory).as_posix()
+            if rel != CHECKSUM_FILE and not rel.startswith(_SHARE_PREFIX):
+                out.append(rel)
+    return sorted(out)
+
+
+def _hash_share(tmp: Path, rank: int, world_size: int) -> None:
+    """Hash this rank's share of the files every rank has written; rank 0 merges the shares."""
+    share = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
+             for n in _files(tmp)[rank::world_size]}
+    (tmp / f"{_SHARE_PREFIX}{rank:05d}.json").write_text(json.dumps(share))
+
+
+def _write_checksums(tmp: Path) -> None:
+    files = {}
+    for part in sorted(tmp.glob(f"{_SHARE_PREFIX}*.json")):
+        files.update(json.loads(part.read_text()))
+        part.unlink()
+    for n in _files(tmp):  # a file some rank's listing missed (a lagging shared file system)
+        if n not in files:
+            files[n] = {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
+    (tmp / CHECKSUM_FILE).write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n")
+
+
+def _read_checksums(path: Path) -> dict[str, tuple[int, str]] | None:
+    """{name: (bytes, sha256)} from checksums.json; None for a checkpoint saved before
+    checkpoints carried one. CheckpointError naming the file if it is missing or malformed."""
+    file = path / CHECKSUM_FILE
+    if not file.is_file():
+        try:
+            meta = read_meta(path)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {path} is damaged: {e}") from None
+        if meta is not None and meta.get("checksums"):
+            raise CheckpointError(f"checkpoint {path} is damaged: {CHECKSUM_FILE} is missing")
+        return None
+    try:
+        files = json.loads(file.read_text())["files"]
+        record = {}
+        for name, entry in files.items():
+            pure = PurePosixPath(name)
+            if pure.is_absolute() or ".." in pure.parts or not name or name == CHECKSUM_FILE:
+                raise ValueError(f"file name {name!r} is not inside the checkpoint")
+            size, digest = entry["bytes"], entry["sha256"]
+            if not isinstance(size, int) or not isinstance(digest, str):
+                raise ValueError(f"entry {name!r} is not {{'bytes': int, 'sha256': str}}")
+            record[name] = (size, digest)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: {file} is not the record save writes "
+                              f"({type(e).__name__}: {e})") from None
+    return record
+
+
+def _file_problem(path: Path, name: str, size: int, digest: str) -> tuple[int, str] | None:
+    """(code, detail) of what is wrong with one recorded file, or None."""
+    file = path / name
+    try:
+        actual_size = file.stat().st_size
+        if actual_size != size:
+            return _SIZE, f"{actual_size} bytes, {size} recorded"
+        actual = _sha256(file)
+    except FileNotFoundError:
+        return _MISSING, ""
+    except OSError as e:
+        return _MISSING, f"{type(e).__name__}: {e.strerror or e}"
+    if actual != digest:
+        return _SHA256, f"sha256 {actual[:12]}..., recorded {digest[:12]}..."
+    return None
+
+
+def _describe(path: Path, problems: list[tuple[str, str]]) -> str:
+    """One line naming the first (name, what) problem and how many more there are."""
+    (name, what), more = problems[0], problems[1:]
+    text = f"checkpoint {path}: {name} {what}"
+    if more:
+        text += f"; and {len(more)} more: " + ", ".join(n for n, _ in more[:3]) + (", ..." if len(more) > 3 else "")
+    return text
+
+
+def _unrecorded(path: Path, record: dict) -> list[str]:
+    return [n for n in _files(path) if n not in record]
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint's files, checked against checksums.json in this
+    process (no loading); None if nothing is, or if it predates checksums."""
+    try:
+        record = _read_checksums(path)
+    except CheckpointError as e:
+        return str(e)
+    if record is None:
+        return None
+    problems = []
+    for name, (size, digest) in sorted(record.items()):
+        if (found := _file_problem(path, name, size, digest)) is not None:
+            code, detail = found
+            problems.append((name, _WHAT[code] + (f" ({detail})" if detail else "")))
+    problems += [(n, f"is not recorded in {CHECKSUM_FILE}") for n in _unrecorded(path, record)]
+    return _describe(path, problems) if problems else None
+
+
+def _is_zip(file: Path) -> bool:
+    with open(file, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _verify(path: Path, layout) -> None:
+    """Collective: every recorded file present, of its size and sha256, and accepted by the
+    weights-only loader; each rank checks a share (so each file is read once), and all
+    ranks raise the same CheckpointError, before any of them reads the checkpoint."""
+
+    def refused(name: str) -> str | None:
+        file = path / name
+        return None if name == META_FILE else refusal(file, mmap=_is_zip(file))  # mapped: parse only
+
+    record = _read_checksums(path)  # the same verdict on every rank: no collective needed yet
+    if record is None:
+        log.warning(f"checkpoint {path} records no checksums (saved before checkpoints carried "
+                    f"{CHECKSUM_FILE}): its files are not verified before loading")
+        # Still refused here by every rank alike (each checks all files) rather than by
+        # one rank inside DeepSpeed's load, where the others would wait for it.
+        problems = [(n, f"{_WHAT[_UNLOADABLE]} ({why})") for n in _files(path) if (why := refused(n))]
+        if problems:
+            raise CheckpointError(_describe(path, problems))
+        return
+    names = sorted(record)
+    codes, details = [0] * (len(names) + 1), {}
+    for i in range(layout.rank, len(names), layout.world_size):
+        found = _file_problem(path, names[i], *record[names[i]])
+        if found is None and (why := refused(names[i])) is not None:
+            found = _UNLOADABLE, why
+        if found is not None:
+            codes[i], details[i] = found
+    unrecorded = _unrecorded(path, record)
+    codes[-1] = len(unrecorded)
+    if layout.world_size > 1 and dist.is_initialized():
+        agreed = torch.tensor(codes, dtype=torch.int64, device=layout.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        codes = agreed.tolist()
+    problems = []
+    for i, code in enumerate(codes[:-1]):
+        if code:
+            detail = details.get(i, f"found by rank {i % layout.world_size}")
+            problems.append((names[i], _WHAT[code] + (f" ({detail})" if detail else "")))
+    if codes[-1]:
+        problems += [(n, f"is not recorded in {CHECKSUM_FILE}") for n in unrecorded] or [
+            ("a file", f"is not recorded in {CHECKSUM_FILE} (found by another rank)")]
+    if problems:
+        raise CheckpointError(_describe(path, problems))
+
+
 # --- per-rank file: only tensors and plain Python values, so weights_only=True can load it.
 
 def _to_safe(obj):
@@ -154,7 +355,7 @@ def _rank_file(directory: Path, rank: int) -> Path:
 
 def _layout_key(layout) -> dict:
     return {"world_size": layout.world_size, "tensor": layout.tp_size, "pipeline": layout.pp_size,
-            "data": layout.dp_size}
+            "context": layout.cp_size, "data": layout.dp_size}
 
 
 def save(engine, layout, root: str | os.PathLike, step: int, client_state: dict, rank_state: dict,
@@ -174,11 +375,15 @@ def save(engine, layout, root: str | os.PathLike, step: int, client_state: dict,
     torch.save(_to_safe({"layout": _layout_key(layout), "rng": rng.capture(), "rank_state": rank_state}),
                _rank_file(tmp, layout.rank))
     if layout.rank == 0:  # inside the .tmp directory: published by the same rename as the rest
-        (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=1) + "\n")
+        (tmp / META_FILE).write_text(json.dumps({"step": step, **meta, "checksums": CHECKSUM_FILE},
+                                                indent=1) + "\n")
     dist.barrier()  # every rank's files are written
+    _hash_share(tmp, layout.rank, layout.world_size)
+    dist.barrier()  # every share is hashed
     if layout.rank == 0:
+        _write_checksums(tmp)
         _publish(root, tmp, final)
-        _prune(root, keep)
+        _prune(root, keep, final)
     dist.barrier()  # nobody returns (and, say, exits) before the checkpoint is published
     return str(final)
 
@@ -197,33 +402,58 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, published: Path) -> None:
+    """Keep `published` and the keep - 1 newest checkpoints older than it. Only this
+    module's own checkpoints go: `step_NNNNNNNN` directories (not links) holding a file
+    `save` writes, older than the one `latest` now names; newer ones (left by a run that
+    went further before this one resumed from an earlier checkpoint) and anything else in
+    the root stay."""
     if keep <= 0:
         return
-    for path in _complete_checkpoints(root)[:-keep]:
+    step = int(_STEP_DIR.match(published.name).group(1))
+    older = [p for p in _complete_checkpoints(root)
+             if int(_STEP_DIR.match(p.name).group(1)) < step and not p.is_symlink()
+             and any((p / f).is_file() for f in (CHECKSUM_FILE, META_FILE, _rank_file(p, 0).name))]
+    for path in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(path)
 
 
 def load(engine, layout, path: str | os.PathLike) -> tuple[dict, dict]:
-    """Collective. Restores the engine and this rank's RNG states; returns (client_state, rank_state)."""
+    """Collective. Restores the engine and this rank's RNG states; returns (client_state,
+    rank_state). A damaged or unsafe checkpoint raises CheckpointError, naming the file,
+    on every rank before anything of it is loaded."""
+
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint: there is no such directory")
+    _verify(path, layout)
 
     def read(rank: int) -> dict:
         file = _rank_file(path, rank)
         if not file.is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint: {file.name} is missing")
-        return _from_safe(torch.load(file, map_location="cpu", weights_only=True))
+        return _from_safe(load_weights_only(file, map_location="cpu"))
 
     # Every rank checks rank 0's record first, so that a layout mismatch fails on all ranks
     # alike instead of leaving some waiting in DeepSpeed's collectives.
-    written = read(0)["layout"]
+    written = {"context": 1, **read(0)["layout"]}  # written before context parallelism: 1
     if written != _layout_key(layout):
         raise ValueError(f"checkpoint {path} was written with layout {written}, this run has "
                          f"{_layout_key(layout)}; resume with the same parallel layout")
     per_rank = read(layout.rank)
-    load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                     load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
+    reader = install(engine)
+    reader.last_loaded = None
+    try:
+        load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                         load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # DeepSpeed's asserts and KeyErrors say nothing of the file
+        after = f" (the last file it read: {Path(reader.last_loaded).name})" if reader.last_loaded else ""
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"checkpoint {path}: DeepSpeed could not restore it{after}: "
+                              f"{type(e).__name__}: {message}") from e
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint in {path}")
     rng.restore(per_rank["rng"])

@@ -2,15 +2,20 @@
 
 `prepare_run` does everything that can fail because of a setting, before any process
 group exists: parse, load the config, read the dataset manifest (vocab_size and
-seq_len come from it when the config leaves them at 0), validate against the
-world size the launcher announced, and compare the checkpoint to be resumed (its
+seq_len come from it when the config leaves them at 0; it must hold the training and
+validation splits, with sample counts that add up), check the kernels can run here,
+validate against the world size the launcher announced, refuse to start a second run
+in a run directory that holds one, and compare the checkpoint to be resumed (its
 meta.json) with this run's layout. A failure here is a `UsageError` naming the key or
 file; pretrain.py turns it into one line and exit code 2, so no rank waits for a peer
-that already gave up.
+that already gave up. Failures during training get one line too (loop.RunFailed); the
+traceback only with TRANSNORMER_TRACEBACK=1.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +24,12 @@ from megatron_transnormer.config import (Config, ConfigError, available_configs,
                                          check_sequence_length, config_to_dict, load_config,
                                          override_keys, validate_config)
 from megatron_transnormer.config.loader import DEFAULT_CONFIG
+
+
+TRACEBACK_ENV = "TRANSNORMER_TRACEBACK"  # 1: print the traceback of an error, not only its line
+# What a run leaves in its run directory (besides logs/ of the SLURM launchers), deleted by
+# train.overwrite=true; the first two are what makes a directory "hold a run".
+RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "loss.png", "config.yaml")
 
 
 class UsageError(Exception):
@@ -112,6 +123,87 @@ def load_data_info(path: str):
         raise UsageError(f"data.path={path!r}: {e}") from None
 
 
+def check_splits(cfg: Config, info) -> None:
+    """The splits training reads exist, and each split's sample count is its shards' sum
+    (the loader sizes everything by the shards' counts; a split total that disagrees means
+    the manifest was edited or mixed from two preparations)."""
+    for key in ("train_split", "valid_split"):
+        name = getattr(cfg.data, key)
+        if name not in info.manifest["splits"]:
+            need = "training" if key == "train_split" else "validation (at train.eval_interval and at the end)"
+            raise UsageError(f"data.{key}={name!r}: dataset {info.path} has no split {name!r} (it has "
+                             f"{', '.join(info.splits) or 'none'}); {need} reads it: prepare the dataset with "
+                             f"it (tools/prepare_data.py) or set data.{key}")
+    for name, split in info.manifest["splits"].items():
+        total = sum(int(s["samples"]) for s in split["shards"])
+        if total != split["samples"]:
+            raise UsageError(f"{info.path}: splits.{name}.samples is {split['samples']}, but its "
+                             f"{len(split['shards'])} shards hold {total} samples (the sum of their 'samples'); "
+                             f"the manifest is inconsistent: prepare the dataset again")
+
+
+def check_kernels(cfg: Config) -> None:
+    """model.kernels=triton needs Triton, and a GPU or Triton's CPU interpreter."""
+    if cfg.model.kernels != "triton":
+        return
+    import torch
+    from kernels.support import interpreting, triton_available
+    if not triton_available():
+        raise UsageError("model.kernels=triton: Triton is not installed; use model.kernels=auto or torch")
+    if not torch.cuda.is_available() and not interpreting():
+        raise UsageError("model.kernels=triton: no GPU here, and TRITON_INTERPRET=1 (Triton's CPU interpreter) "
+                         "is not set; use model.kernels=auto (Triton on GPUs, the PyTorch reference elsewhere) "
+                         "or model.kernels=torch")
+
+
+def previous_run(run_dir: str | os.PathLike) -> list[str]:
+    """What of an earlier run `run_dir` holds: a non-empty metrics.jsonl, a non-empty checkpoints/."""
+    run_dir = Path(run_dir)
+    found = []
+    metrics, checkpoints = run_dir / RUN_FILES[0], run_dir / RUN_FILES[1]
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(str(metrics))
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append(f"{checkpoints}/")
+    return found
+
+
+def clear_previous_run(run_dir: str | os.PathLike) -> None:
+    """Delete what a run leaves in run_dir (RUN_FILES), for train.overwrite=true."""
+    for name in RUN_FILES:
+        path = Path(run_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def continues_run(cfg: Config) -> bool:
+    """Whether train.resume continues the run in train.run_dir (auto, or one of its checkpoints)."""
+    from .checkpoint import RUN_SUBDIR
+    resume = cfg.train.resume
+    if resume == "auto":
+        return True
+    if resume == "none":
+        return False
+    return Path(resume).resolve().is_relative_to((Path(cfg.train.run_dir) / RUN_SUBDIR).resolve())
+
+
+def check_run_dir(cfg: Config) -> None:
+    """train.run_dir is a directory (or absent), and holds no other run unless this run
+    continues it or train.overwrite allows starting over (metrics of two runs must never
+    end up in one metrics.jsonl)."""
+    run_dir = Path(cfg.train.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"train.run_dir={cfg.train.run_dir!r}: exists and is not a directory")
+    found = previous_run(run_dir)
+    if found and not continues_run(cfg) and not cfg.train.overwrite:
+        raise UsageError(f"train.run_dir={cfg.train.run_dir!r} already holds a run ({', '.join(found)}); "
+                         f"train.resume={cfg.train.resume} would start another one there. Continue it with "
+                         f"train.resume=auto, choose another train.run_dir, or add train.overwrite=true to "
+                         f"delete it and start clean")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse argv. --help exits after listing every key with its value in the config that
     --config and the overrides make (the default config without --config)."""
@@ -136,7 +228,10 @@ def check_resume_layout(cfg: Config, world_size: int) -> None:
     precision or model shape: here, before any process group exists, rather than in the
     runtime's load (which checks again) after every rank has started."""
     from . import checkpoint
-    path = checkpoint.resume_target(cfg.train.resume, Path(cfg.train.run_dir) / checkpoint.RUN_SUBDIR)
+    try:  # auto: the newest intact checkpoint; none intact is a one-line error, as here
+        path = checkpoint.resume_target(cfg.train.resume, Path(cfg.train.run_dir) / checkpoint.RUN_SUBDIR)
+    except checkpoint.CheckpointError as e:
+        raise UsageError(f"train.resume: {e}") from None
     if path is None:
         return
     try:
@@ -157,13 +252,16 @@ def prepare_run(argv: list[str] | None = None) -> PreparedRun:
     args = parse_args(argv)
     try:
         cfg = validate_config(load_config(args.config, args.overrides))  # values first, then the data
+        check_kernels(cfg)
         info = load_data_info(cfg.data.path)
+        check_splits(cfg, info)
         apply_manifest(cfg, info)
         check_sequence_length(cfg, cfg.data.seq_len)
         resume = cfg.train.resume
         if resume not in ("auto", "none") and not Path(resume).is_dir():
             raise UsageError(f"train.resume={resume!r}: no checkpoint directory there (auto, none, or a "
                              f"path such as {cfg.train.run_dir}/checkpoints/step_00000100)")
+        check_run_dir(cfg)
         world_size = launcher_world_size()
         validate_config(cfg, world_size=world_size)
         check_resume_layout(cfg, world_size)

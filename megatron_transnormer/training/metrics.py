@@ -6,7 +6,7 @@ does nothing. `metrics.jsonl` holds one JSON object per line: a training step
 labelled token: every next token of a causal LM, the masked tokens of a masked LM) or a
 validation (`step, val_loss, val_ppl`, and `val_word_ppl` for causal LMs). Each line is flushed when written, so a
 killed run leaves every finished step on disk; on resume `truncate_metrics` drops what
-came after the checkpoint.
+came after the checkpoint. A failed write (a full disk) raises an OSError naming the file.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def throughput(tokens: int, seconds: float, flops_per_token: float | None, world
 def read_metrics(path: Path) -> list[dict]:
     """Records of a metrics.jsonl; a torn last line (a killed writer) is skipped."""
     records = []
-    if not path.exists():
+    if not path.is_file():  # absent, or a device/FIFO (e.g. /dev/full) that would read forever
         return records
     for line in path.read_text().splitlines():
         try:
@@ -75,13 +75,22 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def _naming(e: OSError, path: Path) -> OSError:
+    """e with `path` as its file name: a failed write or flush does not say which file."""
+    return e if e.filename else OSError(e.errno, e.strerror, str(path))
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the records with step <= last_step (the resumed checkpoint's); atomic rewrite."""
-    if not path.exists():
+    """Keep the records with step <= last_step (the resumed checkpoint's); atomic rewrite.
+    Only a regular file is rewritten (a device or FIFO someone pointed it at is left alone)."""
+    if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if r["step"] <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    except OSError as e:
+        raise _naming(e, tmp) from None
     os.replace(tmp, path)
 
 
@@ -122,15 +131,18 @@ class MetricsLogger:
         self._file = open(self.path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            # purge_step hides events a previous attempt logged after the resumed checkpoint.
-            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"),
-                                         purge_step=start_step + 1 if start_step else None)
+            # purge_step hides events a previous attempt logged after the resumed checkpoint
+            # (all of them when it had none to resume from).
+            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
         if sys.stderr.isatty():
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _write(self, rec: dict) -> None:
-        self._file.write(json.dumps(rec) + "\n")
+        try:
+            self._file.write(json.dumps(rec) + "\n")  # line-buffered: written (and failing) here
+        except OSError as e:
+            raise _naming(e, self.path) from None
 
     def _scalars(self, prefix: str, rec: dict, keys) -> None:
         if self._writer is None:
@@ -172,10 +184,14 @@ class MetricsLogger:
             print(text, flush=True)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        if self._writer is not None:
-            self._writer.close()
-        if self._file is not None:
-            self._file.close()
-        self._file = self._writer = self._bar = None
+        file, writer, bar = self._file, self._writer, self._bar
+        self._file = self._writer = self._bar = None  # closed once, even if closing fails
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        if file is not None:
+            try:
+                file.close()
+            except OSError as e:
+                raise _naming(e, self.path) from None

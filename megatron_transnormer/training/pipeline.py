@@ -23,7 +23,6 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
 from megatron_transnormer.model import Part, model_inputs, model_parts, table_part
-from megatron_transnormer.parallel import context
 
 MASKS = ("valid", "output_mask")
 
@@ -120,7 +119,7 @@ def build_pipeline_module(model_cfg, layout, seed: int, activation_checkpointing
         layers.append(LayerSpec(_LAYERS[part.role], part, wire))
     # DeepSpeed's data axis is megatron's data x context parallel (rank order tp-cp-dp-pp).
     topology = PipeModelDataParallelTopology(num_pp=layout.pp_size, num_mp=layout.tp_size,
-                                             num_dp=layout.dp_size * context.cp_size())
+                                             num_dp=layout.dp_size * layout.cp_size)
     # Balance the blocks only; the embedding then lands on the first stage, norm and head on the last.
     # no_grad: PipelineModule broadcasts the tied table in place at construction; recorded by
     # autograd, that broadcast would become part of the embedding's backward graph.

@@ -137,7 +137,7 @@ class Runtime:
         t = cfg.train
         self.grad_accum = t.global_batch_size // (t.micro_batch_size * layout.dp_size)
         # The ranks DeepSpeed averages gradients over: data parallel x context parallel.
-        self.replicas = layout.dp_size * context.cp_size()
+        self.replicas = layout.dp_size * layout.cp_size
         self.num_parameters = num_parameters  # the full model's, each parameter counted once
 
     def _prepare(self, batch) -> tuple[tuple, torch.Tensor]:
@@ -177,7 +177,7 @@ class Runtime:
             grad_norm = self._norm_hook.last_norm
         else:
             grad_norm = self.engine.get_global_grad_norm()
-        seq_len = prepared[0][0][0].shape[1] * context.cp_size()  # input ids: [micro_batch, this slice]
+        seq_len = prepared[0][0][0].shape[1] * self.layout.cp_size  # input ids: [micro_batch, this slice]
         tokens = self.cfg.train.global_batch_size * seq_len
         return StepResult(loss=loss_sum / max(count, 1.0),
                           grad_norm=float("nan") if grad_norm is None else float(grad_norm),
@@ -259,9 +259,10 @@ def build_runtime(cfg: Config, layout: Layout, objective=None) -> Runtime:
     #    pipeline, and layouts that do not fit the world. It ran before the process groups
     #    started; again here, so that no caller can skip it.
     validate_config(cfg, world_size=layout.world_size)
-    if (layout.tp_size, layout.pp_size) != (cfg.parallel.tensor, cfg.parallel.pipeline):
-        raise ConfigError(f"parallel: the process groups are tensor {layout.tp_size} x pipeline "
-                          f"{layout.pp_size}, the config asks for {cfg.parallel.tensor} x {cfg.parallel.pipeline}")
+    p = cfg.parallel
+    if (layout.tp_size, layout.pp_size, layout.cp_size) != (p.tensor, p.pipeline, p.context):
+        raise ConfigError(f"parallel: the process groups are tensor {layout.tp_size} x pipeline {layout.pp_size} x "
+                          f"context {layout.cp_size}, the config asks for {p.tensor} x {p.pipeline} x {p.context}")
     if objective is None:
         objective = build_objective(cfg)
     _attach_deepspeed_comm()
@@ -283,7 +284,7 @@ def build_runtime(cfg: Config, layout: Layout, objective=None) -> Runtime:
     deepspeed_clips = _deepspeed_clips(cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       mpu=None if layout.pp_size > 1 else MegatronMPU(),
-                                      config=deepspeed_config(cfg, layout.dp_size, context.cp_size(),
+                                      config=deepspeed_config(cfg, layout.dp_size, layout.cp_size,
                                                               deepspeed_clips))
     _check_rank_order(engine, layout)
     if optimizer.state:

@@ -136,3 +136,40 @@ def test_shard_bytes_are_the_ustar_tarfile_writes(tmp_path):
             tar.addfile(t, io.BytesIO(row.tobytes()))
     assert (tmp_path / "x.tar").read_bytes() == buf.getvalue()
     assert info["sha256"] == hashlib.sha256(buf.getvalue()).hexdigest() and info["samples"] == 3
+
+
+def test_manifest_names_only_files_inside_its_folder(copy, tmp_path):
+    """A manifest from elsewhere cannot point training at other files or commands."""
+    d = copy
+    marker = tmp_path / "ran"
+    outside = tmp_path / "outside.tar"
+    shutil.copy(d / "valid-00000.tar", outside)  # a readable shard, but not the dataset's
+    good = manifest(d)
+    for bad in (str(outside), f"../{outside.name}", f"sub/../../{outside.name}", f"pipe:touch {marker}",
+                "https://example.com/valid-00000.tar", "file:/etc/passwd", ""):
+        m = json.loads(json.dumps(good))
+        m["splits"]["valid"]["shards"][0]["name"] = bad
+        set_manifest(d, m)
+        with pytest.raises(DataError) as e:
+            read_all(d)
+        assert str(e.value).startswith(f"{d / 'manifest.json'}: splits.valid: shard {bad!r} is "), str(e.value)
+        assert "relative to its own folder" in str(e.value) and "data.shards" in str(e.value)
+    m = json.loads(json.dumps(good))
+    m["tokenizer"]["file"] = "../tokenizer.model"
+    set_manifest(d, m)
+    with pytest.raises(DataError, match=r"manifest.json: tokenizer file '../tokenizer.model' is a path that leaves"):
+        load_dataset_info(str(d))
+    assert not marker.exists()
+    # A name inside the folder, in a subfolder too, still reads; and the user's own config
+    # may still read the shards from anywhere, through a command too.
+    set_manifest(d, good)
+    expected = [b.tokens.tolist() for b in read_all(d)]
+    mirror = tmp_path / "mirror"
+    shutil.copytree(d, mirror)
+    (d / "sub").mkdir()
+    shutil.move(d / "valid-00001.tar", d / "sub" / "valid-00001.tar")
+    m = json.loads(json.dumps(good))
+    m["splits"]["valid"]["shards"][1]["name"] = "sub/valid-00001.tar"
+    set_manifest(d, m)
+    assert [b.tokens.tolist() for b in read_all(d)] == expected
+    assert [b.tokens.tolist() for b in read_all(d, shards=f"pipe:cat {mirror}/{{name}}")] == expected

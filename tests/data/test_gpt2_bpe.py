@@ -197,6 +197,6 @@ def test_bad_bpe_files_are_named(tmp_path, corpus, bpe_dir):
         with pytest.raises(DataError, match=expect):
             run(d)
     r = subprocess.run([sys.executable, TOOL, "--source", "input", "--input", os.path.join(corpus[0], "*.txt"),
-                        "--tokenizer", "gpt2-bpe", "--bpe-dir", str(tmp_path / "absent"), "--quiet",
+                        "--split", "6,1,1", "--tokenizer", "gpt2-bpe", "--bpe-dir", str(tmp_path / "absent"), "--quiet",
                         "--output", str(tmp_path / "cli")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "absent/encoder.json: not found" in r.stderr

@@ -111,3 +111,34 @@ def test_missing_sources_are_clear(tmp_path, monkeypatch):
         prepare(small_options(tmp_path / "o", "", inputs=[str(tmp_path / "nothing-here*.txt")]))
     with pytest.raises(DataError, match="data.path: no manifest at .*manifest.json; prepare it with"):
         load_dataset_info(str(tmp_path / "absent"))
+
+
+def test_an_empty_validation_or_test_split_is_an_error_naming_it(tmp_path, corpus):
+    # 8 documents: 98,1,1 leaves valid none (round(0.98 * 8) = round(0.99 * 8) = 8)
+    r = subprocess.run([sys.executable, TOOL, "--input", os.path.join(corpus[0], "*.txt"), "--vocab-size", "400",
+                        "--seq-len", "32", "--output", str(tmp_path / "a"), "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("prepare_data: error: source input: the valid split would be empty (--split 98,1,1 "
+                                "gives it none of the 8 documents; use more documents, --paragraphs or a larger "
+                                "proportion)")
+    assert not os.path.exists(tmp_path / "a" / "manifest.json")
+    with pytest.raises(DataError, match=r"the test split would be empty \(--split 6,2,0.01 gives it none"):
+        prepare(small_options(tmp_path / "b", corpus[0], split_ratios=(6, 2, 0.01)))
+    # A proportion of 0 leaves the split out on purpose.
+    m = prepare(small_options(tmp_path / "c", corpus[0], split_ratios=(6, 2, 0)))
+    assert sorted(m["splits"]) == ["train", "valid"]
+
+
+def test_input_implies_source_input(tmp_path, corpus):
+    sys.path.insert(0, os.path.dirname(TOOL))
+    try:
+        import prepare_data
+    finally:
+        sys.path.remove(os.path.dirname(TOOL))
+    opts, _ = prepare_data.parse_args(["--input", "a.txt", "--output", str(tmp_path)])
+    assert (opts.source, opts.inputs) == ("input", ["a.txt"])
+    assert prepare_data.parse_args(["--output", str(tmp_path)])[0].source == "shakespeare"
+    r = subprocess.run([sys.executable, TOOL, "--source", "wikitext-103", "--input", "a.txt", "--output",
+                        str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--input is read only with --source input (got --source wikitext-103)" in r.stderr

@@ -16,19 +16,21 @@ from megatron_transnormer.training.checkpoint import (latest_checkpoint, layout_
 from tests.multiproc import run_ranks
 from tests.training.runtime_helpers import quiet_deepspeed, step_batches, tiny_config
 
-# name -> (tensor, pipeline, zero stage, precision)
+# name -> (tensor, pipeline, zero stage, precision, context)
 LAYOUTS = {
-    "dp2_zero3": (1, 1, 3, "fp32"),
-    "pp2": (1, 2, 0, "fp32"),
-    "pp2_zero1_bf16": (1, 2, 1, "bf16"),
-    "dp2_zero0_bf16": (1, 1, 0, "bf16"),
+    "dp2_zero3": (1, 1, 3, "fp32", 1),
+    "pp2": (1, 2, 0, "fp32", 1),
+    "pp2_zero1_bf16": (1, 2, 1, "bf16", 1),
+    "dp2_zero0_bf16": (1, 1, 0, "bf16", 1),
+    "dp2_zero1": (1, 1, 1, "fp32", 1),
+    "cp2": (1, 1, 0, "fp32", 2),  # the sequence split over two ranks, dropout per slice
 }
 SAVE_AT, STEPS = (1, 3, 6), 6
 
 
-def _config(tp, pp, zero, precision):
+def _config(tp, pp, zero, precision, cp):
     cfg = tiny_config(tensor=tp, pipeline=pp, zero=zero, precision=precision, dropout=0.1, clip=0.05,
-                      steps=STEPS)
+                      steps=STEPS, context=cp, block_size=16)
     cfg.train.keep_checkpoints = 2
     return cfg
 
@@ -51,9 +53,9 @@ def _runtimes():
 
     quiet_deepspeed()
     try:
-        for name, (tp, pp, zero, precision) in LAYOUTS.items():
-            cfg = _config(tp, pp, zero, precision)
-            layout = init_distributed(tp, pp)
+        for name, (tp, pp, zero, precision, cp) in LAYOUTS.items():
+            cfg = _config(tp, pp, zero, precision, cp)
+            layout = init_distributed(tp, pp, context=cp)
             yield name, cfg, layout, build_runtime(cfg, layout)
     finally:
         destroy_distributed()
@@ -117,10 +119,11 @@ def test_checkpoint_directory_protocol(runs, name):
     assert latest_checkpoint(os.path.join(root, name)) == os.path.join(root, name, "step_00000006")
     files = os.listdir(os.path.join(root, name, "step_00000006"))
     assert {"rank_00000.pt", "rank_00001.pt", "meta.json"} <= set(files)
-    tp, pp, zero, precision = LAYOUTS[name]
+    tp, pp, zero, precision, cp = LAYOUTS[name]
     meta = read_meta(os.path.join(root, name, "step_00000006"))
     assert meta["step"] == 6 and meta["model"]["num_layers"] == 4
-    assert (meta["world_size"], meta["tensor"], meta["pipeline"], meta["data_parallel"]) == (2, tp, pp, 2 // pp)
+    assert (meta["world_size"], meta["tensor"], meta["pipeline"], meta["context"], meta["data_parallel"]) == \
+        (2, tp, pp, cp, 2 // (pp * cp))
     assert (meta["zero_stage"], meta["precision"]) == (zero, precision)
 
 
@@ -150,6 +153,9 @@ def test_layout_differences_name_each_changed_setting(tmp_path):
     tp2 = tiny_config()
     tp2.parallel.tensor = 2
     assert layout_differences(saved, layout_record(tp2, 2)) == [("world size", 1, 2), ("parallel.tensor", 1, 2)]
+    cp2 = tiny_config()
+    cp2.parallel.context = 2
+    assert layout_differences(saved, layout_record(cp2, 2)) == [("world size", 1, 2), ("parallel.context", 1, 2)]
     del saved["zero_stage"]  # what a checkpoint does not record is not compared
     assert ("parallel.zero_stage", 0, 1) not in layout_differences(saved, layout_record(other, 2))
     assert read_meta(tmp_path) is None  # a checkpoint from before meta.json

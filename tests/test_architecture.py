@@ -19,6 +19,8 @@ RULES = {
     f"{PACKAGE}.model": (("kernels", f"{PACKAGE}.parallel"), ("deepspeed",)),
     f"{PACKAGE}.training": (("kernels", f"{PACKAGE}.config", f"{PACKAGE}.data", f"{PACKAGE}.evaluation",
                              f"{PACKAGE}.parallel", f"{PACKAGE}.model"), ()),
+    f"{PACKAGE}.generation": (("kernels", f"{PACKAGE}.parallel", f"{PACKAGE}.model", f"{PACKAGE}.data"),
+                              ("deepspeed",)),
 }
 
 

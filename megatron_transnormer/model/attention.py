@@ -10,6 +10,16 @@ of `model.layers` to the classes. Heads are split over the tensor-parallel group
 q, k, v are column-parallel (each rank computes its H/tp heads), the output projection
 is row-parallel (its all-reduce restores the full width). The mixing math itself lives
 in `kernels` (Triton on CUDA, PyTorch references elsewhere).
+
+Decoding (causal mixers only): `prefill(x, positions, valid)` runs a prompt through the
+same parallel computation as `forward` and also returns the mixer's recurrent state after
+its last token; `step(x, positions, state)` takes one token per row ([B, 1, d], positions
+[B, 1]) and updates that state in place. The states (one class per mixer, decoding.py) hold
+what the next token needs: NormAttention's decayed Kᵀ V, the 1+elu baseline's Kᵀ V and
+key sum, DiagAttention's current block of keys and values, softmax attention's growing
+KV cache. A batch of prompts of different lengths is left-padded (`valid` False first,
+then each row's real tokens at positions 0..len-1): a padding key is zero in the linear
+attentions, so it adds nothing to any state, and is masked in the others.
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ from torch import nn
 import kernels
 from ..parallel import context
 from ..parallel.tensor_parallel import tp_rank, tp_size
+from .decoding import DiagState, KVCache, LinearState, NormState
 from .init import constant, linear_default, xavier_uniform
 from .linear import column_linear, row_linear
 from .lrpe import LRPE
@@ -73,10 +84,19 @@ class _Mixer(nn.Module):
     def project_out(self, o):
         return self.out_proj(o)[0]
 
+    def _require_causal(self) -> None:
+        if not self.causal:
+            raise ValueError(f"{type(self).__name__}: recurrent decoding needs a causal model (model.causal=true)")
+
 
 def _drop_padding_keys(k: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """k [B, h, N, D] with the keys of padding positions set to zero."""
     return k if valid is None else k * valid[:, None, :, None].to(k.dtype)
+
+
+def _gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t [B, h, N, X] at the token columns index [B, M] of each row -> [B, h, M, X]."""
+    return t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
 
 
 class NormAttention(_Mixer):
@@ -113,13 +133,41 @@ class NormAttention(_Mixer):
             cached = self._decay_tensor = torch.tensor(self.decay, dtype=torch.float32, device=device)
         return cached
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def _qkv(self, x, positions, valid=None):
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
         q = self.lrpe(self.feature_map(q), positions)
         k = _drop_padding_keys(self.lrpe(self.feature_map(k), positions), valid)
+        return q, k, v
+
+    def _out(self, o):
+        return self.project_out(self.norm(self.merge(o)))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self._qkv(x, positions, valid)
         # The kernel, or its context-parallel form when the sequence is split over ranks.
         o = context.norm_attention(q, k, v, self.causal, decay=self.decay_on(x.device), backend=self.backend)
-        return self.project_out(self.norm(self.merge(o)))
+        return self._out(o)
+
+    def prefill(self, x, positions, valid=None) -> tuple[torch.Tensor, NormState]:
+        """forward's output, and the kernel's final state (padding keys are zero, so a
+        left-padded row's state is that of its real tokens alone)."""
+        self._require_causal()
+        q, k, v = self._qkv(x, positions, valid)
+        o, kv = kernels.norm_attention(q, k, v, causal=True, decay=self.decay_on(x.device), output_final_state=True,
+                                       backend=self.backend)
+        return self._out(o), NormState(kv)
+
+    def step(self, x, positions, state: NormState) -> torch.Tensor:
+        """One token: S_t = λ S_{t-1} + k_t v_tᵀ, o_t = q_t S_t, which is the kernel's
+        λ q_t S_{t-1} + (q_t·k_t) v_t; the direct formula costs O(D·E) per head, where the
+        chunked kernel would pad the one token to a whole chunk."""
+        q, k, v = self._qkv(x, positions)
+        acc = state.kv.dtype
+        decay = self.decay_on(x.device)
+        if decay is not None:
+            state.kv.mul_(decay.to(acc).view(1, -1, 1, 1))
+        state.kv.add_(k.to(acc).transpose(-1, -2) @ v.to(acc))
+        return self._out((q.to(acc) @ state.kv).to(v.dtype))
 
 
 class DiagAttention(_Mixer):
@@ -138,21 +186,72 @@ class DiagAttention(_Mixer):
         self.lrpe = LRPE(self.head_dim)
         self.norm = SimpleRMSNorm(sharded=True, backend=cfg.kernels) if self.kind == "relu" else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def _qkv(self, x, positions):
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
         q = q * self.head_dim ** -0.5
         # Positions restart in every block, as in the original (the encoding is relative, so
         # only rounding differs); blocks are aligned to global positions that are multiples
         # of the block size, so a slice starting at such an offset sees the same blocks.
         positions = positions % self.block_size
-        q, k = self.lrpe(q, positions), self.lrpe(k, positions)
-        o = kernels.diag_attention(q, k, v, block_size=self.block_size, causal=self.causal, kind=self.kind,
-                                   dropout_p=self.dropout, training=self.training, key_mask=valid,
-                                   backend=self.backend)
+        return self.lrpe(q, positions), self.lrpe(k, positions), v
+
+    def _out(self, o):
         o = self.merge(o)
         if self.norm is not None:
             o = self.norm(o)
         return self.project_out(o)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self._qkv(x, positions)
+        o = kernels.diag_attention(q, k, v, block_size=self.block_size, causal=self.causal, kind=self.kind,
+                                   dropout_p=self.dropout, training=self.training, key_mask=valid,
+                                   backend=self.backend)
+        return self._out(o)
+
+    def prefill(self, x, positions, valid=None) -> tuple[torch.Tensor, DiagState]:
+        """forward's output for left-padded prompts, and the tail of each row's last block.
+
+        The kernel cuts blocks by column, so a row whose padding is not a whole number of
+        blocks would see its blocks shifted: each row is rotated so that its real tokens
+        start at column 0 (column = position), attended with the padding masked, and
+        rotated back."""
+        self._require_causal()
+        q, k, v = self._qkv(x, positions)
+        b, n, size = x.shape[0], x.shape[1], self.block_size
+        lengths = torch.full((b,), n, device=x.device) if valid is None else valid.sum(dim=1)
+        columns = torch.arange(n, device=x.device)
+        key_mask = valid
+        if valid is not None:
+            rotate = (columns + (n - lengths)[:, None]) % n  # [B, N]: rotated column -> column
+            q, k, v = (_gather_tokens(t, rotate) for t in (q, k, v))
+            key_mask = valid.gather(1, rotate)
+        o = kernels.diag_attention(q, k, v, block_size=size, causal=True, kind=self.kind, dropout_p=self.dropout,
+                                   training=self.training, key_mask=key_mask, backend=self.backend)
+        if valid is not None:
+            o = _gather_tokens(o, (columns - (n - lengths)[:, None]) % n)
+        # Slot j <- the token at position (start of the last block) + j; the slots from the
+        # tail's length on are never read before they are written.
+        slots = ((lengths - lengths % size)[:, None] + torch.arange(size, device=x.device)).clamp(max=n - 1)
+        return self._out(o), DiagState(_gather_tokens(k, slots), _gather_tokens(v, slots))
+
+    def step(self, x, positions, state: DiagState) -> torch.Tensor:
+        """One token per row: written into its slot (position % block), then the direct formula
+        over the slots up to it, softmax (T2) or ReLU (T1) as in the kernel."""
+        q, k, v = self._qkv(x, positions)
+        b, size = x.shape[0], self.block_size
+        slot = positions.expand(b, 1)[:, 0] % size
+        rows = torch.arange(b, device=x.device)
+        state.keys[rows, :, slot] = k[:, :, 0]
+        state.values[rows, :, slot] = v[:, :, 0]
+        keep = (torch.arange(size, device=x.device) <= slot[:, None]).view(b, 1, 1, size)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        logits = (q @ state.keys.transpose(-1, -2)).to(acc)
+        if self.kind == "softmax":
+            probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+        else:
+            probs = torch.relu(logits.masked_fill(~keep, 0.0))
+        probs = F.dropout(probs, self.dropout, self.training).to(v.dtype)
+        return self._out(probs @ state.values)
 
 
 class SoftmaxAttention(_Mixer):
@@ -162,19 +261,37 @@ class SoftmaxAttention(_Mixer):
         super().__init__(cfg, xavier_uniform(2 ** -0.5), xavier_uniform(1.0))
         self.dropout = cfg.attention_dropout
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        # No positions here: the baseline takes them from the embedding's absolute positions.
-        q, k, v = (self.heads(t) for t in self.project_qkv(x))
+    def _attend(self, q, k, v, valid):
         mask = None
         if valid is not None:
             # Real keys, plus each query's own position so that a padding query's row is not
             # empty (an all -inf row would make NaNs that reach the gradients).
-            n = x.shape[1]
-            eye = torch.eye(n, dtype=torch.bool, device=x.device)
+            n = q.shape[2]
+            eye = torch.eye(n, dtype=torch.bool, device=q.device)
             mask = valid[:, None, None, :] | eye
             if self.causal:
-                mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+                mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           scale=1.0 / math.sqrt(self.head_dim))
+        return self.project_out(self.merge(o))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        # No positions here: the baseline takes them from the embedding's absolute positions.
+        q, k, v = (self.heads(t) for t in self.project_qkv(x))
+        return self._attend(q, k, v, valid)
+
+    def prefill(self, x, positions, valid=None) -> tuple[torch.Tensor, KVCache]:
+        self._require_causal()
+        q, k, v = (self.heads(t) for t in self.project_qkv(x))
+        return self._attend(q, k, v, valid), KVCache.start(k, v, valid)
+
+    def step(self, x, positions, state: KVCache) -> torch.Tensor:
+        """One token per row against every cached key: O(length) per token."""
+        q, k, v = (self.heads(t) for t in self.project_qkv(x))
+        state.append(k, v)
+        mask = None if state.valid is None else state.valid[:, None, None, :]
+        o = F.scaled_dot_product_attention(q, state.keys, state.values, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            scale=1.0 / math.sqrt(self.head_dim))
         return self.project_out(self.merge(o))
@@ -194,14 +311,36 @@ class LinearEluAttention(_Mixer):
     def __init__(self, cfg, layer_index: int):
         super().__init__(cfg, xavier_uniform(2 ** -0.5), xavier_uniform(1.0))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def _qkv(self, x, valid=None):
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
-        q, k = 1.0 + F.elu(q), _drop_padding_keys(1.0 + F.elu(k), valid)
-        num = context.norm_attention(q, k, v, self.causal, backend=self.backend)
+        return 1.0 + F.elu(q), _drop_padding_keys(1.0 + F.elu(k), valid), v
+
+    def _out(self, q, num, key_sums, v):
+        """num / (q · Σk + eps), then the output projection; key_sums: the sums each row sees."""
         acc = torch.promote_types(q.dtype, torch.float32)
-        den = (q.to(acc) * context.key_sums(k, self.causal)).sum(dim=-1, keepdim=True)
+        den = (q.to(acc) * key_sums).sum(dim=-1, keepdim=True)
         o = (num.to(acc) / (den + self.EPS)).to(v.dtype)
         return self.project_out(self.merge(o))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self._qkv(x, valid)
+        num = context.norm_attention(q, k, v, self.causal, backend=self.backend)
+        return self._out(q, num, context.key_sums(k, self.causal), v)
+
+    def prefill(self, x, positions, valid=None) -> tuple[torch.Tensor, LinearState]:
+        self._require_causal()
+        q, k, v = self._qkv(x, valid)
+        num, kv = kernels.norm_attention(q, k, v, causal=True, output_final_state=True, backend=self.backend)
+        sums = context.key_sums(k, True)
+        return self._out(q, num, sums, v), LinearState(kv, sums[:, :, -1].clone())
+
+    def step(self, x, positions, state: LinearState) -> torch.Tensor:
+        """One token: Σ k vᵀ and Σ k grow by this token's terms, o = q Σ k vᵀ / (q · Σ k + eps)."""
+        q, k, v = self._qkv(x)
+        acc = state.kv.dtype
+        state.kv.add_(k.to(acc).transpose(-1, -2) @ v.to(acc))
+        state.key_sum.add_(k[:, :, 0].to(acc))
+        return self._out(q, q.to(acc) @ state.kv, state.key_sum[:, :, None], v)
 
 
 # The names `model.layers` uses for each token mixer.

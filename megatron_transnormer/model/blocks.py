@@ -47,13 +47,28 @@ class Block(nn.Module):
         self.mixer = MIXERS[spec.mixer](cfg, spec.index)
         self.mlp = build_mlp(spec.mlp, cfg.hidden_size, cfg.ffn_hidden_size)
 
-    def _forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    def _layer(self, x: torch.Tensor, mix):
+        """The layer around a token mixer `mix(h) -> (output, extra)`; returns (x, extra): the
+        extra is the mixer's recurrent state when decoding starts (prefill), else None."""
         drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
         if self.post_norm:
-            x = self.norm1(x + drop(self.mixer(x, positions, valid)))
-            return self.norm2(x + drop(self.mlp(x)))
-        x = x + drop(self.mixer(self.norm1(x), positions, valid))
-        return x + drop(self.mlp(self.norm2(x)))
+            out, extra = mix(x)
+            x = self.norm1(x + drop(out))
+            return self.norm2(x + drop(self.mlp(x))), extra
+        out, extra = mix(self.norm1(x))
+        x = x + drop(out)
+        return x + drop(self.mlp(self.norm2(x))), extra
+
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        return self._layer(x, lambda h: (self.mixer(h, positions, valid), None))[0]
+
+    def prefill(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None):
+        """forward over a (left-padded) prompt -> (output, the mixer's state after it; decoding.py)."""
+        return self._layer(x, lambda h: self.mixer.prefill(h, positions, valid))
+
+    def step(self, x: torch.Tensor, positions: torch.Tensor, state) -> torch.Tensor:
+        """One token per row ([B, 1, d]); the mixer's state is updated in place."""
+        return self._layer(x, lambda h: (self.mixer.step(h, positions, state), None))[0]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         if self.activation_checkpointing and torch.is_grad_enabled():

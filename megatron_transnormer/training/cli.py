@@ -223,6 +223,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+def layout_mismatch(saved: dict, cfg: Config, world_size: int) -> str:
+    """What differs between a checkpoint's meta.json (`saved`) and the layout cfg has on
+    world_size ranks, as "setting: A in the checkpoint, B in this run; ...", or ""."""
+    from . import checkpoint
+    diffs = checkpoint.layout_differences(saved, checkpoint.layout_record(cfg, world_size))
+    return "; ".join(f"{name}: {old} in the checkpoint, {new} in this run" for name, old, new in diffs)
+
+
 def check_resume_layout(cfg: Config, world_size: int) -> None:
     """Refuse to resume a checkpoint saved with another parallel layout, ZeRO stage,
     precision or model shape: here, before any process group exists, rather than in the
@@ -240,9 +248,8 @@ def check_resume_layout(cfg: Config, world_size: int) -> None:
         raise UsageError(f"train.resume: {e}") from None
     if saved is None:  # written before checkpoints carried meta.json: the runtime's check remains
         return
-    diffs = checkpoint.layout_differences(saved, checkpoint.layout_record(cfg, world_size))
-    if diffs:
-        what = "; ".join(f"{name}: {old} in the checkpoint, {new} in this run" for name, old, new in diffs)
+    what = layout_mismatch(saved, cfg, world_size)
+    if what:
         raise UsageError(f"train.resume: checkpoint {path} was saved with another layout ({what}); "
                          f"resume it with the settings it was saved with, or start a new run with "
                          f"train.resume=none and another train.run_dir")

@@ -41,7 +41,8 @@ import yaml
 
 from megatron_transnormer.config import Config, ConfigError
 from megatron_transnormer.data import DataError, TokenStream
-from megatron_transnormer.evaluation.perplexity import report, token_perplexity
+from megatron_transnormer.evaluation.evaluate import evaluate_split, split_record
+from megatron_transnormer.evaluation.perplexity import token_perplexity
 
 from . import rng
 from .checkpoint import RUN_SUBDIR, CheckpointError, resume_target, step_dirname
@@ -108,7 +109,18 @@ def describe_failure(exc: BaseException, phase: str, cfg: Config) -> RunFailed:
     return RunFailed(1, f"{type(exc).__name__} while {phase}: {text} (set {TRACEBACK_ENV}=1 for the traceback)")
 
 
-def _world_max(values: list[int], device: torch.device) -> list[int]:
+def raise_failure(exc: Exception, phase: str, cfg: Config, rank: str = ""):
+    """Raise `exc` as the RunFailed that reports it (`describe_failure`), its line prefixed
+    with `rank` ("rank 3: ") on multi-rank runs."""
+    failure = describe_failure(exc, phase, cfg)
+    if failure.line and rank:
+        failure.line = rank + failure.line
+    if failure is exc:
+        raise exc
+    raise failure from exc
+
+
+def world_max(values: list[int], device: torch.device) -> list[int]:
     """The max of each value over all ranks (one all-reduce): how the ranks agree."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(values)
@@ -176,7 +188,7 @@ class Trainer:
     def _agree(self, *values: int) -> list[int]:
         """[stop signal, failure code, *values], each the max over all ranks. A failure on
         another rank becomes this rank's too (silent: that rank reports it)."""
-        signum, failed, *rest = _world_max([self.stop.signum, self.failure.code if self.failure else 0,
+        signum, failed, *rest = world_max([self.stop.signum, self.failure.code if self.failure else 0,
                                             *values], self.layout.device)
         if failed and self.failure is None:
             self.failure = RunFailed(failed, "")
@@ -265,31 +277,29 @@ class Trainer:
                              dp_size=self.layout.dp_size, micro_batch_size=c.train.micro_batch_size,
                              seed=c.train.seed, shuffle=False, infinite=False)
         batches = iter(stream) if stream is not None else iter(())
-        nll, tokens, n = 0.0, 0, 0
-        while not c.train.eval_batches or n < c.train.eval_batches:
-            batch = self._local(phase, next, batches, None)
-            self.stop.phase = phase
+        interrupted = False
+
+        def go_on(exhausted: bool) -> bool:
             # The stream gives every rank the same number of batches; agreeing on it anyway
             # (with the stop and failure flags, one all-reduce) turns a mismatch into an
             # early stop instead of a hang in eval_batch's data-parallel reduction.
-            signum, failed, done = self._agree(int(batch is None))
-            if failed:
-                return {}
-            if signum:
+            nonlocal interrupted
+            self.stop.phase = phase
+            signum, failed, done = self._agree(int(exhausted))
+            if signum and not failed:
                 self.log.message(f"validation at step {self.step} interrupted by signal {signal_name(signum)}")
-                return {}
-            if done:
-                break
-            s, t = self.rt.eval_batch(batch)
-            nll, tokens, n = nll + float(s), tokens + int(t), n + 1
+            interrupted = bool(failed or signum)
+            return not (interrupted or done)
+
+        totals = evaluate_split(lambda: self._local(phase, next, batches, None), self.rt.eval_batch, go_on,
+                                max_batches=c.train.eval_batches)
+        if interrupted:
+            return {}
         self.last_eval_step = self.step
-        if tokens == 0:
+        if totals.tokens == 0:
             return None  # the split holds less than one global batch
-        rec = {"step": self.step, "val_loss": nll / tokens, "val_ppl": token_perplexity(nll, tokens),
-               "val_tokens": tokens}
-        if self.objective.word_perplexity:
-            rec["val_word_ppl"] = report(nll, tokens, self.info, c.data.valid_split).word_ppl
-        return rec
+        record = split_record(totals, self.info, c.data.valid_split, self.objective.word_perplexity)
+        return {"step": self.step, **{f"val_{key}": value for key, value in record.items()}}
 
     def _log_validation(self) -> None:
         rec = self.validate()
@@ -452,12 +462,7 @@ def run_training(cfg: Config, info, stop: StopRequest | None = None) -> int:
             stop.phase = "building the model and the DeepSpeed engine"
             return Trainer(cfg, info, layout).run(stop)
         except Exception as e:
-            failure = describe_failure(e, stop.phase, cfg)
-            if failure.line and rank:
-                failure.line = rank + failure.line
-            if failure is e:
-                raise
-            raise failure from e
+            raise_failure(e, stop.phase, cfg, rank)
         finally:
             destroy_distributed()
     finally:

@@ -44,6 +44,13 @@ def pretrain(*args, env=None, timeout=180) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+def finished_run(run_dir: Path, dataset: Path, *args) -> Path:
+    """A run of pretrain.py with the TINY settings (and `args`) on `dataset` that must succeed."""
+    p = pretrain(f"data.path={dataset}", f"train.run_dir={run_dir}", *TINY, *args)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return run_dir
+
+
 def start(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "pretrain.py", *args], cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -107,10 +114,7 @@ LONG_MLM = ["train.steps=60", "train.save_interval=10", "train.eval_interval=30"
 @pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory) -> Path:
     """An uninterrupted run; also the end-to-end check of what a run leaves behind."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    p = pretrain(f"data.path={dataset}", f"train.run_dir={run_dir}", *TINY, *LONG)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return run_dir
+    return finished_run(tmp_path_factory.mktemp("reference"), dataset, *LONG)
 
 
 def test_run_writes_metrics_checkpoint_plot_tensorboard(reference):
@@ -268,11 +272,8 @@ def test_bad_settings_exit_2_before_any_process_group(dataset, args, env, needle
 @pytest.fixture(scope="module")
 def saved_run(dataset, tmp_path_factory) -> Path:
     """A finished one-process run whose checkpoint (step 2) the resume tests start from."""
-    run_dir = tmp_path_factory.mktemp("saved")
-    p = pretrain(f"data.path={dataset}", f"train.run_dir={run_dir}", *TINY, "train.steps=2",
-                 "train.plot=false", "train.tensorboard=false")
-    assert p.returncode == 0, p.stdout + p.stderr
-    return run_dir
+    return finished_run(tmp_path_factory.mktemp("saved"), dataset, "train.steps=2", "train.plot=false",
+                        "train.tensorboard=false")
 
 
 def test_checkpoint_records_its_layout(saved_run):

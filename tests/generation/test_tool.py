@@ -50,8 +50,8 @@ def test_tool_streams_what_the_checkpoint_generates(run_dir, sampling):
                       "--top-p", str(sampling.top_p), "--seed", str(sampling.seed))
     assert p.returncode == 0, p.stderr
     # The same checkpoint read here: its weights-only model file, its config, its dataset's tokenizer.
-    saved = torch.load(run_dir / "checkpoints" / f"step_{STEPS:08d}" / "mp_rank_00_model_states.pt",
-                       map_location="cpu", weights_only=True)
+    model_file = run_dir / "checkpoints" / f"step_{STEPS:08d}" / "mp_rank_00_model_states.pt"
+    saved = torch.load(model_file, map_location="cpu", weights_only=True)
     cfg = validate_config(config_from_dict(saved["config"]))
     model = build_model(cfg.model, seed=cfg.train.seed)
     model.load_state_dict(saved["module"])

@@ -14,19 +14,13 @@ traceback.
 """
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 import warnings
 
 
 def _report(code: int, line: str, exc: BaseException | None) -> int:
-    from megatron_transnormer.training.cli import TRACEBACK_ENV
-    if exc is not None and os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
-        traceback.print_exception(exc)
-    if line:
-        print(f"pretrain.py: error: {line}", file=sys.stderr, flush=True)
-    return code
+    from megatron_transnormer.training.cli import report_error
+    return report_error("pretrain.py", code, line, exc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,12 +33,11 @@ import os
 import re
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_transnormer.training.cli import TRACEBACK_ENV, UsageError
+from megatron_transnormer.training.cli import UsageError, report_error
 
 PROG = "evaluate.py"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")  # checkpoint.step_dirname's names
@@ -290,14 +289,6 @@ def table(run_dirs: list[str]) -> str:
         raise UsageError(f"--table: {e}") from None
 
 
-def _report(code: int, line: str, exc: BaseException | None) -> int:
-    if exc is not None and os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
-        traceback.print_exception(exc)
-    if line:
-        print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
     # megatron-core warns at import that optional CUDA extensions are missing; the
     # fallbacks are what we use, so the warning is noise on every rank.
@@ -311,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         prep = prepare(args)
     except UsageError as e:
-        return _report(2, str(e), e)
+        return report_error(PROG, 2, str(e), e)
     from megatron_transnormer.training.loop import RunFailed
     try:
         result = evaluate(prep)
@@ -322,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise RunFailed(1, f"{e.strerror or e} while writing {prep.output}") from e
             print(summary(result, prep.output), flush=True)
     except RunFailed as e:
-        return _report(e.code, e.line, e.__cause__ or e)
+        return report_error(PROG, e.code, e.line, e.__cause__ or e)
     return 0
 
 

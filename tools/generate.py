@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
-import traceback
 import warnings
 from pathlib import Path
 
@@ -179,17 +177,13 @@ def main(argv=None) -> int:
     # DeepSpeed's logger writes to the stdout it finds at import; stdout carries the text.
     with contextlib.redirect_stdout(sys.stderr):
         import deepspeed  # noqa: F401
-        from megatron_transnormer.training.cli import TRACEBACK_ENV, UsageError
+        from megatron_transnormer.training.cli import UsageError, report_error
     try:
         return run(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
-        code, line = 2, str(e)
+        return report_error("generate.py", 2, str(e), e)
     except Exception as e:  # one line, whatever it is
-        code, line = 1, f"{type(e).__name__}: {e}"
-    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
-        traceback.print_exc()
-    print(f"generate.py: error: {line}", file=sys.stderr, flush=True)
-    return code
+        return report_error("generate.py", 1, f"{type(e).__name__}: {e}", e)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,18 @@ from megatron_transnormer.config.loader import DEFAULT_CONFIG
 
 
 TRACEBACK_ENV = "TRANSNORMER_TRACEBACK"  # 1: print the traceback of an error, not only its line
+
+
+def report_error(prog: str, code: int, line: str, exc: BaseException | None = None) -> int:
+    """The command-line tools' way to fail: `<prog>: error: <line>` on stderr (nothing when the
+    line is empty: another rank reports it), the traceback too when TRACEBACK_ENV is set.
+    Returns `code`, the exit code."""
+    if exc is not None and os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        import traceback
+        traceback.print_exception(exc)
+    if line:
+        print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+    return code
 # What a run leaves in its run directory (besides logs/ of the SLURM launchers), deleted by
 # train.overwrite=true; the first two are what makes a directory "hold a run".
 RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "loss.png", "config.yaml")

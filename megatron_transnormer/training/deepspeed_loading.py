@@ -1,7 +1,7 @@
 """Reading DeepSpeed's checkpoint files without running code stored in them.
 
-DeepSpeed 0.19.8's TorchCheckpointEngine reads its model and optimizer files with
-`torch.load(weights_only=False)`: a checkpoint file holding a pickled object whose
+DeepSpeed 0.19.8's TorchCheckpointEngine reads its model and optimizer files with the
+full unpickler (weights_only off): a checkpoint file holding a pickled object whose
 `__reduce__` names any callable (os.system, ...) would run it on every rank that resumes,
 and checkpoints get copied between machines and shared directories. Every file of a
 checkpoint is therefore read by torch's weights-only unpickler, which builds only

@@ -1,4 +1,5 @@
-"""Chooses between the Triton kernels and the PyTorch references.
+"""Chooses between the Triton kernels and the PyTorch references (run through
+`segmented`, which keeps their backward's memory to q, k, v and the segment states).
 
 Rule: backend="torch" always takes the reference. backend="auto" takes Triton for CUDA
 tensors when Triton is importable, else the reference. backend="triton" requires Triton
@@ -18,7 +19,7 @@ import importlib
 
 import torch
 
-from . import reference
+from . import reference, segmented
 from .support import diag_block_supported, dtypes_supported, interpreting, triton_available
 
 BACKENDS = ("auto", "torch", "triton")
@@ -67,7 +68,10 @@ def norm_attention(q, k, v, causal: bool = True, decay=None, initial_state=None,
         return _kernels("norm_attention").causal_norm_attention(*_autocast(q, k, v), decay=decay,
                                                                 initial_state=initial_state,
                                                                 output_final_state=output_final_state)
-    return reference.norm_attention(q, k, v, causal=causal, decay=decay, initial_state=initial_state,
+    if not causal:
+        return reference.norm_attention(q, k, v, causal=False, decay=decay, initial_state=initial_state,
+                                        output_final_state=output_final_state)
+    return segmented.norm_attention(q, k, v, decay=decay, initial_state=initial_state,
                                     output_final_state=output_final_state)
 
 
@@ -82,7 +86,7 @@ def diag_attention(q, k, v, block_size: int = 64, causal: bool = True, kind: str
     if _use_triton(backend, q, unsupported):
         return _kernels("diag_attention").diag_attention(*_autocast(q, k, v), block_size=block_size, causal=causal,
                                                          kind=kind, key_mask=key_mask)
-    return reference.diag_attention(q, k, v, block_size=block_size, causal=causal, kind=kind,
+    return segmented.diag_attention(q, k, v, block_size=block_size, causal=causal, kind=kind,
                                     dropout_p=dropout_p, training=training, key_mask=key_mask)
 
 

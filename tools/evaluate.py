@@ -202,7 +202,8 @@ def evaluate(prep: Prepared) -> dict | None:
     phase, rank = "starting the process group", ""
     try:
         layout = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline,
-                                  timeout_s=cfg.train.collective_timeout_s, context=cfg.parallel.context)
+                                  timeout_s=cfg.train.collective_timeout_s, context=cfg.parallel.context,
+                                  sequence=cfg.parallel.sequence)
         rank = f"rank {layout.rank}: " if layout.world_size > 1 else ""
         phase = "building the model and the DeepSpeed engine"
         objective = build_objective(cfg, prep.info)

@@ -60,6 +60,11 @@ class ModelConfig:
     kernels: str = "auto"
     # Per-head exponential decay in NormAttention (TransNormerLLM variant, spec §11).
     decay: bool = False
+    # Recompute each attention layer's core (feature map, LRPE, mixing, output norm) in the
+    # backward from the q, k, v projections, instead of keeping its intermediates: one more
+    # forward of the core per layer for about half of an attention layer's activation memory
+    # (megatron's "selective" recomputation). Results are bit-identical either way.
+    recompute_attention: bool = True
 
 
 @dataclass
@@ -113,6 +118,10 @@ class ParallelConfig:
     # rank of a context-parallel group (parallel/context.py); the rank order is megatron-core's
     # tp-cp-dp-pp. For long sequences: activation memory per rank falls with it.
     context: int = 1
+    # Sequence parallelism (megatron's) inside the tensor-parallel group: between the
+    # attention and MLP regions (norms, dropout, residuals) each TP rank keeps only its slice
+    # of the sequence, dividing that activation memory by `tensor` (parallel/sequence.py).
+    sequence: bool = False
     zero_stage: int = 0  # 0..3; 2 and 3 need pipeline == 1
     # Data-parallel size is derived: world_size / (tensor * pipeline * context).
 
@@ -331,6 +340,11 @@ def check_sequence_length(cfg: Config, seq_len: int) -> None:
            f"{cp} slices of data.seq_len={seq_len} tokens"
            + (f" are not whole model.block_size={m.block_size} blocks" if "diag" in m.layers else " are unequal")
            + f"; use a sequence length that is a multiple of {unit}")
+    tp = cfg.parallel.tensor
+    if cfg.parallel.sequence and tp > 1:
+        _check(seq_len % (cp * tp) == 0, "parallel.sequence",
+               f"data.seq_len={seq_len} over context ({cp}) x tensor ({tp}) ranks: sequence parallelism splits "
+               f"each context slice over the tensor-parallel ranks; use a multiple of {cp * tp}")
     if m.positions == "learned":
         if m.max_positions == 0:
             m.max_positions = seq_len

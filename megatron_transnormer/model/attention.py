@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 from ..parallel import context
@@ -60,6 +61,7 @@ class _Mixer(nn.Module):
         self.head_dim = d // cfg.num_heads
         self.backend = cfg.kernels
         self.causal = cfg.causal
+        self.recompute = cfg.recompute_attention
         # Biases of q/k/v keep torch.nn.Linear's default (the original leaves them so);
         # the output bias starts at zero as in fairseq's attention.
         self.q_proj = column_linear(d, d, qkv_weight_init, linear_default(d))
@@ -83,6 +85,21 @@ class _Mixer(nn.Module):
 
     def project_out(self, o):
         return self.out_proj(o)[0]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """out_proj(core(q_proj x, k_proj x, v_proj x)). With recompute on, autograd keeps only
+        the projections' outputs and the core's output for the core; the rest of the core is
+        rerun in the backward (checkpoint replays the RNG, so dropout masks match)."""
+        q, k, v = self.project_qkv(x)
+        if self.recompute and torch.is_grad_enabled():
+            o = checkpoint(self.core, q, k, v, positions, valid, use_reentrant=False)
+        else:
+            o = self.core(q, k, v, positions, valid)
+        return self.project_out(o)
+
+    def core(self, q, k, v, positions, valid):
+        """[B, N, h·D] projections -> [B, N, h·E], the out projection's input."""
+        raise NotImplementedError
 
     def _require_causal(self) -> None:
         if not self.causal:
@@ -133,20 +150,23 @@ class NormAttention(_Mixer):
             cached = self._decay_tensor = torch.tensor(self.decay, dtype=torch.float32, device=device)
         return cached
 
-    def _qkv(self, x, positions, valid=None):
-        q, k, v = (self.heads(t) for t in self.project_qkv(x))
+    def _features(self, q, k, v, positions, valid=None):
+        q, k, v = (self.heads(t) for t in (q, k, v))
         q = self.lrpe(self.feature_map(q), positions)
         k = _drop_padding_keys(self.lrpe(self.feature_map(k), positions), valid)
         return q, k, v
 
+    def _qkv(self, x, positions, valid=None):
+        return self._features(*self.project_qkv(x), positions, valid)
+
     def _out(self, o):
         return self.project_out(self.norm(self.merge(o)))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self._qkv(x, positions, valid)
+    def core(self, q, k, v, positions, valid):
+        q, k, v = self._features(q, k, v, positions, valid)
         # The kernel, or its context-parallel form when the sequence is split over ranks.
-        o = context.norm_attention(q, k, v, self.causal, decay=self.decay_on(x.device), backend=self.backend)
-        return self._out(o)
+        o = context.norm_attention(q, k, v, self.causal, decay=self.decay_on(q.device), backend=self.backend)
+        return self.norm(self.merge(o))
 
     def prefill(self, x, positions, valid=None) -> tuple[torch.Tensor, NormState]:
         """forward's output, and the kernel's final state (padding keys are zero, so a
@@ -186,8 +206,8 @@ class DiagAttention(_Mixer):
         self.lrpe = LRPE(self.head_dim)
         self.norm = SimpleRMSNorm(sharded=True, backend=cfg.kernels) if self.kind == "relu" else None
 
-    def _qkv(self, x, positions):
-        q, k, v = (self.heads(t) for t in self.project_qkv(x))
+    def _features(self, q, k, v, positions):
+        q, k, v = (self.heads(t) for t in (q, k, v))
         q = q * self.head_dim ** -0.5
         # Positions restart in every block, as in the original (the encoding is relative, so
         # only rounding differs); blocks are aligned to global positions that are multiples
@@ -195,18 +215,22 @@ class DiagAttention(_Mixer):
         positions = positions % self.block_size
         return self.lrpe(q, positions), self.lrpe(k, positions), v
 
-    def _out(self, o):
-        o = self.merge(o)
-        if self.norm is not None:
-            o = self.norm(o)
-        return self.project_out(o)
+    def _qkv(self, x, positions):
+        return self._features(*self.project_qkv(x), positions)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self._qkv(x, positions)
+    def _merged(self, o):
+        o = self.merge(o)
+        return o if self.norm is None else self.norm(o)
+
+    def _out(self, o):
+        return self.project_out(self._merged(o))
+
+    def core(self, q, k, v, positions, valid):
+        q, k, v = self._features(q, k, v, positions)
         o = kernels.diag_attention(q, k, v, block_size=self.block_size, causal=self.causal, kind=self.kind,
                                    dropout_p=self.dropout, training=self.training, key_mask=valid,
                                    backend=self.backend)
-        return self._out(o)
+        return self._merged(o)
 
     def prefill(self, x, positions, valid=None) -> tuple[torch.Tensor, DiagState]:
         """forward's output for left-padded prompts, and the tail of each row's last block.
@@ -260,8 +284,12 @@ class SoftmaxAttention(_Mixer):
     def __init__(self, cfg, layer_index: int):
         super().__init__(cfg, xavier_uniform(2 ** -0.5), xavier_uniform(1.0))
         self.dropout = cfg.attention_dropout
+        # The fused attention keeps only q, k, v, its output and the row statistics already:
+        # recomputing would save nothing.
+        self.recompute = False
 
     def _attend(self, q, k, v, valid):
+        """[B, h, N, D] heads -> [B, N, h·D], the out projection's input."""
         mask = None
         if valid is not None:
             # Real keys, plus each query's own position so that a padding query's row is not
@@ -274,17 +302,16 @@ class SoftmaxAttention(_Mixer):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            scale=1.0 / math.sqrt(self.head_dim))
-        return self.project_out(self.merge(o))
+        return self.merge(o)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def core(self, q, k, v, positions, valid):
         # No positions here: the baseline takes them from the embedding's absolute positions.
-        q, k, v = (self.heads(t) for t in self.project_qkv(x))
-        return self._attend(q, k, v, valid)
+        return self._attend(*(self.heads(t) for t in (q, k, v)), valid)
 
     def prefill(self, x, positions, valid=None) -> tuple[torch.Tensor, KVCache]:
         self._require_causal()
         q, k, v = (self.heads(t) for t in self.project_qkv(x))
-        return self._attend(q, k, v, valid), KVCache.start(k, v, valid)
+        return self.project_out(self._attend(q, k, v, valid)), KVCache.start(k, v, valid)
 
     def step(self, x, positions, state: KVCache) -> torch.Tensor:
         """One token per row against every cached key: O(length) per token."""
@@ -311,21 +338,26 @@ class LinearEluAttention(_Mixer):
     def __init__(self, cfg, layer_index: int):
         super().__init__(cfg, xavier_uniform(2 ** -0.5), xavier_uniform(1.0))
 
-    def _qkv(self, x, valid=None):
-        q, k, v = (self.heads(t) for t in self.project_qkv(x))
+    def _features(self, q, k, v, valid=None):
+        q, k, v = (self.heads(t) for t in (q, k, v))
         return 1.0 + F.elu(q), _drop_padding_keys(1.0 + F.elu(k), valid), v
 
-    def _out(self, q, num, key_sums, v):
-        """num / (q · Σk + eps), then the output projection; key_sums: the sums each row sees."""
+    def _qkv(self, x, valid=None):
+        return self._features(*self.project_qkv(x), valid)
+
+    def _ratio(self, q, num, key_sums, v):
+        """num / (q · Σk + eps), heads merged; key_sums: the sums each row sees."""
         acc = torch.promote_types(q.dtype, torch.float32)
         den = (q.to(acc) * key_sums).sum(dim=-1, keepdim=True)
-        o = (num.to(acc) / (den + self.EPS)).to(v.dtype)
-        return self.project_out(self.merge(o))
+        return self.merge((num.to(acc) / (den + self.EPS)).to(v.dtype))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self._qkv(x, valid)
+    def _out(self, q, num, key_sums, v):
+        return self.project_out(self._ratio(q, num, key_sums, v))
+
+    def core(self, q, k, v, positions, valid):
+        q, k, v = self._features(q, k, v, valid)
         num = context.norm_attention(q, k, v, self.causal, backend=self.backend)
-        return self._out(q, num, context.key_sums(k, self.causal), v)
+        return self._ratio(q, num, context.key_sums(k, self.causal), v)
 
     def prefill(self, x, positions, valid=None) -> tuple[torch.Tensor, LinearState]:
         self._require_causal()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import nn
 
+from ..parallel import sequence
 from ..parallel.tensor_parallel import declare_init, tp_group, tp_size
 from .init import normal
 from .megatron_config import megatron_config, unused_init
@@ -90,4 +91,5 @@ class Embedding(nn.Module):
             x = x + self.position_table(positions).to(x.dtype)
         if self.norm is not None:
             x = self.norm(x)
-        return F.dropout(x, self.dropout, self.training)
+        # Under sequence parallelism the blocks take this rank's slice of the tokens.
+        return F.dropout(sequence.scatter(x), self.dropout, self.training)

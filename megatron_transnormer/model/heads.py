@@ -9,6 +9,8 @@ first stage's tied copy). Vocabulary logits stay split over TP (`vocab_logits`);
 is `vocab_parallel_cross_entropy`, never a gather. With `output_mask` [B, N] the token
 heads project only the selected positions and return [M, vocab/tp] rows in row-major
 order: a masked LM predicts 15% of its tokens and need not pay for the other 85%.
+Under sequence parallelism the hidden states arrive as this rank's slice of the sequence;
+every head gathers them first (parallel/sequence.py).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import nn
 
+from ..parallel import sequence
 from ..parallel.tensor_parallel import declare_init, tp_group, tp_size
 from .init import constant, linear_default
 from .norms import layer_norm
@@ -48,6 +51,11 @@ class LMHead(nn.Module):
         super().__init__()
 
     def forward(self, hidden, valid, output_mask, embedding_weight):
+        if sequence.enabled():
+            # The gather's backward reduce-scatters, summing the vocabulary shards' partial
+            # gradients as vocab_logits' all-reduce would (megatron's SP output layer).
+            hidden = _selected(sequence.gather(hidden, partial_grads=True), output_mask)
+            return F.linear(hidden, embedding_weight)
         return vocab_logits(_selected(hidden, output_mask), embedding_weight)
 
 
@@ -66,6 +74,7 @@ class MaskedLMHead(nn.Module):
         declare_init(self.bias, constant(0.0), partition_dim=0)
 
     def forward(self, hidden, valid, output_mask, embedding_weight):
+        hidden = sequence.gather(hidden, partial_grads=False)  # dense and norm are replicated
         h = self.norm(F.gelu(self.dense(_selected(hidden, output_mask))))
         return vocab_logits(h, embedding_weight, self.bias)
 
@@ -82,6 +91,7 @@ class ClassificationHead(nn.Module):
         self.out = _linear(cfg.hidden_size, cfg.num_classes)
 
     def forward(self, hidden, valid, output_mask, embedding_weight):
+        hidden = sequence.gather(hidden, partial_grads=False)  # the classifier is replicated
         if self.pooling == "first":
             pooled = hidden[:, 0]
         elif valid is None:

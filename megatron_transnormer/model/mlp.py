@@ -14,6 +14,25 @@ from .init import linear_default
 from .linear import column_linear, row_linear
 
 
+class _SiluGate(torch.autograd.Function):
+    """silu(a) ⊙ b, keeping only a and b for the backward (autograd would also keep silu(a)
+    and its own copy of a: a third of the GLU's activation memory); silu(a) is recomputed
+    there. Same values and gradients as the composed ops."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        sig = torch.sigmoid(a)
+        silu = a * sig
+        # d silu(a)/da = σ(a)(1 + a(1 − σ(a)))
+        return grad * b * (sig * (1 + a * (1 - sig))), grad * silu
+
+
 class GLU(nn.Module):
     """GLU(x) = W_3(silu(W_1 x) ⊙ W_2 x), all with bias, no inner dropout."""
 
@@ -24,7 +43,7 @@ class GLU(nn.Module):
         self.w3 = row_linear(hidden, d, linear_default(hidden), linear_default(hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(F.silu(self.w1(x)[0]) * self.w2(x)[0])[0]
+        return self.w3(_SiluGate.apply(self.w1(x)[0], self.w2(x)[0]))[0]
 
 
 class FFN(nn.Module):

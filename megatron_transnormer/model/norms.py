@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from ..parallel import sequence
 from ..parallel.tensor_parallel import declare_init, sum_of_squares, tp_size
 from .init import constant
 
@@ -36,14 +38,25 @@ class SimpleRMSNorm(nn.Module):
         return kernels.simple_rms_norm(x, eps=EPS, backend=self.backend)
 
 
-def layer_norm(d: int) -> nn.LayerNorm:
-    """fairseq's LayerNorm (eps 1e-5, weight 1, bias 0), replicated over TP."""
-    norm = nn.LayerNorm(d, eps=1e-5)
+class RegionLayerNorm(nn.LayerNorm):
+    """A LayerNorm between the attention and MLP regions (blocks, final norm): under
+    sequence parallelism it sees only this rank's tokens, so its gradients are summed
+    over the TP group (parallel/sequence.py); otherwise nn.LayerNorm exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, sequence.shared_param(self.weight),
+                            sequence.shared_param(self.bias), self.eps)
+
+
+def layer_norm(d: int, region: bool = False) -> nn.LayerNorm:
+    """fairseq's LayerNorm (eps 1e-5, weight 1, bias 0), replicated over TP. region: it
+    normalises the hidden states between the TP regions (`RegionLayerNorm`)."""
+    norm = (RegionLayerNorm if region else nn.LayerNorm)(d, eps=1e-5)
     declare_init(norm.weight, constant(1.0))
     declare_init(norm.bias, constant(0.0))
     return norm
 
 
 def build_norm(kind: str, d: int, backend: str = "auto") -> nn.Module:
-    """kind: srms (TransNormer) | layernorm (the baselines, and RoBERTa's heads)."""
-    return SimpleRMSNorm(backend=backend) if kind == "srms" else layer_norm(d)
+    """The norm of the blocks and the final norm. kind: srms (TransNormer) | layernorm (the baselines)."""
+    return SimpleRMSNorm(backend=backend) if kind == "srms" else layer_norm(d, region=True)

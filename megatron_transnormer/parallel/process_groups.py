@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from .sequence import set_sequence_parallel
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -165,7 +167,7 @@ def _set_group_defaults(timeout: timedelta | None) -> None:
 
 
 def init_distributed(tensor: int = 1, pipeline: int = 1, backend: str | None = None,
-                     timeout_s: float | None = None, context: int = 1) -> Layout:
+                     timeout_s: float | None = None, context: int = 1, sequence: bool = False) -> Layout:
     """Start torch.distributed (if not yet) and megatron-core's TP/CP/DP/PP groups.
 
     Safe to call again: an existing process group is reused, and model-parallel groups
@@ -173,7 +175,8 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, backend: str | None = N
     timeout_s: how long any collective, and the start-up rendezvous, may wait for a peer
     before it raises (`train.collective_timeout_s`); it applies to the default group,
     megatron-core's groups and groups made later (DeepSpeed's). None: torch's defaults.
-    Only a new process group takes it.
+    Only a new process group takes it. sequence: sequence parallelism inside the TP group
+    (parallel/sequence.py; nothing changes at tensor size 1).
     """
     if tensor < 1 or pipeline < 1 or context < 1:
         raise ValueError(f"tensor={tensor}, pipeline={pipeline} and context={context} must be >= 1")
@@ -220,6 +223,7 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, backend: str | None = N
         minutes = {} if timeout is None else {"distributed_timeout_minutes": timeout.total_seconds() / 60}
         parallel_state.initialize_model_parallel(tensor, pipeline, context_parallel_size=context,
                                                  create_gloo_process_groups=backend == "nccl", **minutes)
+    set_sequence_parallel(sequence)
     return current_layout()
 
 
@@ -247,6 +251,7 @@ def destroy_distributed() -> None:
     """Tear down megatron's groups and the default process group (each only if present)."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    set_sequence_parallel(False)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     if _TORCH_DEFAULT_TIMEOUTS is not None:

@@ -27,4 +27,8 @@ def deepspeed_config(cfg: Config, dp_size: int, cp_size: int, deepspeed_clips: b
         # The training loop logs; DeepSpeed's own progress lines would interleave with it.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # The pipeline engine sends each stage's activation split over the TP ranks and
+        # all-gathers it on arrival, which assumes every TP rank holds the same tensor; under
+        # sequence parallelism each holds its own slice of the sequence, sent whole.
+        "pipeline": {"pipe_partitioned": not p.sequence, "grad_partitioned": not p.sequence},
     }

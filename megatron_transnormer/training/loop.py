@@ -457,7 +457,8 @@ def run_training(cfg: Config, info, stop: StopRequest | None = None) -> int:
         stop.phase = "starting the process group"
         try:
             layout = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline,
-                                      timeout_s=cfg.train.collective_timeout_s, context=cfg.parallel.context)
+                                      timeout_s=cfg.train.collective_timeout_s, context=cfg.parallel.context,
+                                      sequence=cfg.parallel.sequence)
             rank = f"rank {layout.rank}: " if layout.world_size > 1 else ""
             stop.phase = "building the model and the DeepSpeed engine"
             return Trainer(cfg, info, layout).run(stop)

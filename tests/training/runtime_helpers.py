@@ -23,7 +23,7 @@ PAD, MASK, BOS = 1, 2, 0  # the masked LM's special ids in the synthetic vocabul
 
 
 def tiny_config(tensor=1, pipeline=1, zero=0, clip=0.0, precision="fp32", dropout=0.0,
-                micro_batch=2, global_batch=4, steps=10, head="lm", context=1, **model) -> Config:
+                micro_batch=2, global_batch=4, steps=10, head="lm", context=1, sequence=False, **model) -> Config:
     """model: further model settings (variant, arch, decay, layers, block_size, ...)."""
     c = Config()
     m = c.model
@@ -37,7 +37,7 @@ def tiny_config(tensor=1, pipeline=1, zero=0, clip=0.0, precision="fp32", dropou
         setattr(m, key, value)
     c.data.seq_len = SEQ
     c.parallel.tensor, c.parallel.pipeline, c.parallel.zero_stage = tensor, pipeline, zero
-    c.parallel.context = context
+    c.parallel.context, c.parallel.sequence = context, sequence
     c.train.micro_batch_size, c.train.global_batch_size, c.train.steps = micro_batch, global_batch, steps
     c.train.precision = precision
     c.optim.lr, c.optim.warmup_steps, c.optim.clip_grad = 2e-3, 2, clip

@@ -7,7 +7,7 @@ DATA ?= data/shakespeare
 DATA_MLM ?= data/shakespeare-mlm
 ARGS ?=
 
-.PHONY: install data data-blm train test test-integration bench docker clean
+.PHONY: install data data-blm train test test-integration bench docker clean gpu-wheels gpu-suite-dry-run
 
 # Installs into .venv. On a machine without CUDA the CPU torch goes in first, so that
 # nothing pulls the multi-GB CUDA build.
@@ -60,3 +60,14 @@ docker:
 
 clean:
 	rm -rf $(VENV) runs data
+
+# What bench/gpu_suite.sh carries to a GPU machine without a registry: the project's
+# non-torch, non-Triton dependencies as py3.12 manylinux wheels, the project as a wheel,
+# and fla-core (the kernel benchmark's baseline). Checked for the device image after the build.
+gpu-wheels: $(VENV)/.installed
+	$(PY) bench/gpu_wheels.py build --wheels bench/wheels
+
+# The GPU suite end to end on this CPU: the wheels checked (not installed: they are for
+# Python 3.12), every stage in its tiny CPU mode, the report; output in bench/gpu_out.
+gpu-suite-dry-run: $(VENV)/.installed
+	PYTHON=$(PY) bash bench/gpu_suite.sh --dry-run

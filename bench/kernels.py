@@ -1,14 +1,20 @@
 """Benchmark and inspect the Triton attention kernels (not a test).
 
     python bench/kernels.py                 # GPU: tokens/s table + bench/out/kernels.json
-    python bench/kernels.py --cpu-smoke     # no GPU: tiny fp32 run in Triton's interpreter
+    python bench/kernels.py --decay | --diag | --rms   # with per-head decay; DiagAttention; SimpleRMSNorm
+    python bench/kernels.py --cpu-smoke     # no GPU: tiny fp32 run in Triton's interpreter (any mode)
     python bench/kernels.py --sass          # no GPU needed: compile for sm_90, count HGMMA/HMMA,
                                             # registers, spills; SASS in bench/out/sass/
 
 The timing run compares, per sequence length (B·n tokens fixed, H heads of d=128, bf16):
 our causal NormAttention kernel, the PyTorch reference (chunked), torch SDPA with the
 flash backend on a softmax layer of the same shape, and fla's chunk_simple_gla when it
-is importable; forward alone and forward+backward. bench/RESULTS.md says what to run.
+is importable (a failed import is recorded under `skipped_methods`); forward alone and
+forward+backward. --rms times SimpleRMSNorm over [tokens, H·d] rows instead, for each
+length in --seqlens as the number of tokens. Timing is triton.testing.do_bench (CUDA
+events, median), after one untimed call that runs the autotuner. The JSON is rewritten
+after every row, so a run cut short keeps what it measured. bench/RESULTS.md says what
+to run.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NORM_METHODS = "triton,torch,sdpa_flash,fla_chunk_simple_gla"
 DIAG_METHODS = "triton_diag,torch_diag,sdpa_flash_blocks"
+RMS_METHODS = "triton_rms,torch_rms,torch_rms_norm"
 OUT_DIR = ROOT / "bench" / "out"
 sys.path.insert(0, str(ROOT))  # ahead of bench/, where this very file would shadow the package
 
@@ -40,9 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=128, help="head dim d (= e)")
     p.add_argument("--decay", action="store_true", help="per-head decay λ_h (TransNormerLLM)")
     p.add_argument("--diag", action="store_true", help="DiagAttention (softmax, causal, 64-token blocks) instead")
+    p.add_argument("--rms", action="store_true", help="SimpleRMSNorm over [n, heads·dim] rows instead")
     p.add_argument("--methods", default=None, help="comma list; the first is 'ours' in the summary "
-                   f"(default: {NORM_METHODS}, with --diag: {DIAG_METHODS})")
-    p.add_argument("--out", default=None, help="default bench/out/kernels[_diag][_decay].json")
+                   f"(default: {NORM_METHODS}, with --diag: {DIAG_METHODS}, with --rms: {RMS_METHODS})")
+    p.add_argument("--out", default=None, help="default bench/out/kernels[_diag|_rms][_decay].json "
+                   "(--cpu-smoke: kernels_cpu_smoke.json)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 pass in Triton's interpreter")
     p.add_argument("--sass", action="store_true", help="compile for --arch and report the instruction mix")
     p.add_argument("--arch", type=int, default=90, help="compute capability for --sass (90 = H100/H200)")
@@ -164,7 +173,8 @@ def sass_report(arch: int, all_configs: bool, dtype: str) -> int:
 # ---------------------------------------------------------------- timing
 
 def _methods(names):
-    """name -> (prepare(q, k, v, lam) -> args, run(*args) -> out); prepare stays out of the timing."""
+    """(name -> (prepare(q, k, v, lam) -> args, run(*args) -> out), name -> why it is missing);
+    prepare stays out of the timing. SimpleRMSNorm's methods take q as their input row block."""
     import torch
     import torch.nn.functional as F
 
@@ -191,12 +201,18 @@ def _methods(names):
         "triton_diag": (same, lambda q, k, v, lam: kernels.diag_attention(q, k, v, backend="triton")),
         "torch_diag": (same, lambda q, k, v, lam: kernels.diag_attention(q, k, v, backend="torch")),
         "sdpa_flash_blocks": (blocks, sdpa_run),
+        "triton_rms": (same, lambda x, *_: kernels.simple_rms_norm(x, backend="triton")),
+        "torch_rms": (same, lambda x, *_: kernels.simple_rms_norm(x, backend="torch")),
+        # torch's own RMSNorm (x / sqrt(mean x² + eps)): the same traffic, a vendor baseline.
+        "torch_rms_norm": (same, lambda x, *_: F.rms_norm(x, (x.shape[-1],), eps=1e-8)),
     }
+    skipped = {}
     if "fla_chunk_simple_gla" in names:
         try:
             from fla.ops.simple_gla import chunk_simple_gla
-        except ImportError:
-            print("fla not importable: skipping fla_chunk_simple_gla")
+        except Exception as exc:  # not carried, or built for another torch/Triton: the others still run
+            skipped["fla_chunk_simple_gla"] = f"import failed: {type(exc).__name__}: {exc}"[:300]
+            print(f"fla not importable ({skipped['fla_chunk_simple_gla']}): skipping fla_chunk_simple_gla")
         else:
             # fla's layout is [B, T, H, D] (older releases: head_first=True by default, so ask for
             # [B, T, H, D] explicitly); its decay is log λ per head (g_gamma, newer releases).
@@ -211,7 +227,8 @@ def _methods(names):
                 return chunk_simple_gla(q, k, v, scale=1.0, **gamma, **extra)[0]
 
             table["fla_chunk_simple_gla"] = (fla_prepare, fla_run)
-    return {n: table[n] for n in names if n in table}
+    skipped.update({n: "unknown method" for n in names if n not in table and n not in skipped})
+    return {n: table[n] for n in names if n in table}, skipped
 
 
 def _timer(device):
@@ -236,23 +253,30 @@ def _rel_err(x, ref):
     return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def run_bench(args, device: str, dtype_name: str, seqlens, tokens: int) -> dict:
+def run_bench(args, device: str, dtype_name: str, seqlens, tokens: int, json_path: Path | None = None) -> dict:
     import torch
     import triton
 
     dtype = getattr(torch, dtype_name)
     names = [m for m in args.methods.split(",") if m]
-    methods = _methods(names)
+    methods, skipped = _methods(names)
     timer = _timer(device)
     h, d = args.heads, args.dim
     results = []
+    report = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+                  torch=torch.__version__, triton=triton.__version__, args=vars(args), results=results,
+                  skipped_methods=skipped, complete=False)
     for n in seqlens:
-        b = max(1, tokens // n)
+        b = 1 if args.rms else max(1, tokens // n)
         torch.manual_seed(n)
-        # φ-like inputs (q, k ≥ 0 as after 1+elu), scaled so outputs stay O(1).
-        q = (torch.rand(b, h, n, d, device=device) / d).to(dtype)
-        k = (torch.rand(b, h, n, d, device=device) / n).to(dtype)
-        v = torch.randn(b, h, n, d, device=device).to(dtype)
+        if args.rms:
+            # The model normalises every token's H·d features: n tokens, one row each.
+            q, k, v = (torch.randn(n, h * d, device=device) * 3).to(dtype), None, None
+        else:
+            # φ-like inputs (q, k ≥ 0 as after 1+elu), scaled so outputs stay O(1).
+            q = (torch.rand(b, h, n, d, device=device) / d).to(dtype)
+            k = (torch.rand(b, h, n, d, device=device) / n).to(dtype)
+            v = torch.randn(b, h, n, d, device=device).to(dtype)
         lam = torch.exp(-torch.exp2(-8 * torch.arange(1, h + 1, device=device) / h)) if args.decay else None
         ours_out = None
         for name, (prepare, run) in methods.items():
@@ -266,10 +290,11 @@ def run_bench(args, device: str, dtype_name: str, seqlens, tokens: int) -> dict:
                     ours_out = out
                 elif name.startswith("torch") and ours_out is not None:
                     row["rel_err_vs_ours"] = _rel_err(out, ours_out)
-                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                leaves = [None if t is None else t.detach().requires_grad_() for t in (q, k, v)]
                 bwd_args = prepare(*leaves, lam)
                 grads = [t for t in bwd_args if isinstance(t, torch.Tensor) and t.requires_grad]
                 do = torch.randn_like(out)
+                run(*bwd_args).backward(do)  # the backward kernels' autotuning, untimed
                 row["fwd_bwd_ms"] = timer(lambda: run(*bwd_args).backward(do), grads)
                 for key in ("fwd", "fwd_bwd"):
                     row[f"{key}_tokens_per_s"] = b * n / (row[f"{key}_ms"] * 1e-3)
@@ -281,9 +306,12 @@ def run_bench(args, device: str, dtype_name: str, seqlens, tokens: int) -> dict:
                 torch.cuda.empty_cache()
             results.append(row)
             _print_row(row)
-    return dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-                torch=torch.__version__, triton=triton.__version__, args=vars(args), results=results,
-                summary=_summary(results, names[0]))
+            report["summary"] = _summary(results, names[0])
+            if json_path is not None:
+                json_path.write_text(json.dumps(report, indent=1))
+    report["summary"] = _summary(results, names[0])
+    report["complete"] = True
+    return report
 
 
 def _print_header():
@@ -317,18 +345,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.sass:
         return sass_report(args.arch, args.all_configs, args.sass_dtype)
+    if args.diag and args.rms:
+        print("bench/kernels.py: --diag and --rms are separate runs", file=sys.stderr)
+        return 2
     if args.methods is None:
-        args.methods = DIAG_METHODS if args.diag else NORM_METHODS
+        args.methods = DIAG_METHODS if args.diag else RMS_METHODS if args.rms else NORM_METHODS
     if args.cpu_smoke:
         # Must precede the first import of the kernel modules (read when they are decorated).
         os.environ["TRITON_INTERPRET"] = "1"
         args.heads, args.dim = 2, 32
-        args.methods = "triton_diag,torch_diag" if args.diag else "triton,torch"
+        args.methods = ("triton_diag,torch_diag" if args.diag else "triton_rms,torch_rms" if args.rms
+                        else "triton,torch")
         _print_header()
-        report = run_bench(args, "cpu", "float32", [128, 200], tokens=256)
+        out = Path(args.out or OUT_DIR / "kernels_cpu_smoke.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report = run_bench(args, "cpu", "float32", [128, 200], tokens=256, json_path=out)
         errors = [r["rel_err_vs_ours"] for r in report["results"] if "rel_err_vs_ours" in r] or [1.0]
         failed = [r for r in report["results"] if "error" in r]
-        out = OUT_DIR / "kernels_cpu_smoke.json"
     else:
         import torch
         if not torch.cuda.is_available():
@@ -337,10 +370,11 @@ def main(argv=None) -> int:
                   "--sass compiles the kernels for sm_90 and reports their instruction mix.", file=sys.stderr)
             return 2
         _print_header()
-        report = run_bench(args, "cuda", "bfloat16", [int(x) for x in args.seqlens.split(",")], args.tokens)
+        out = Path(args.out or OUT_DIR / f"kernels{'_diag' * args.diag}{'_rms' * args.rms}{'_decay' * args.decay}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        seqlens = [int(x) for x in args.seqlens.split(",")]
+        report = run_bench(args, "cuda", "bfloat16", seqlens, args.tokens, json_path=out)
         errors, failed = [], []
-        out = Path(args.out or OUT_DIR / f"kernels{'_diag' * args.diag}{'_decay' * args.decay}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report["summary"], indent=1))
     print(f"wrote {out}")

@@ -24,7 +24,8 @@ sys.path.insert(0, ROOT)
 
 from megatron_transnormer.config.schema import DataConfig  # noqa: E402
 from megatron_transnormer.data import sources  # noqa: E402
-from megatron_transnormer.data.prepare import PrepareOptions, prepare, tokenize  # noqa: E402
+from megatron_transnormer.data.inputs import pieces  # noqa: E402
+from megatron_transnormer.data.prepare import PrepareOptions, encode_stream, prepare  # noqa: E402
 
 
 def loader_rate(path: str, batches: int, mb: int, verify: bool, shuffle: bool) -> dict:
@@ -52,12 +53,15 @@ def _cpu_seconds() -> float:
 def tokenize_rate(docs: list[str], entry: dict, root: str, workers: int) -> dict:
     size = sum(len(d.encode("utf-8")) for d in docs)
     cpu, start = _cpu_seconds(), time.perf_counter()
-    ids = tokenize(docs, entry, root, workers, "bench", progress=False)
+    # the preparation's own path: pieces of each document, encoded in order by `workers` processes
+    texts = ((None, piece) for doc in docs for piece in pieces(doc))
+    tokens = sum(len(ids) for _, (ids, *_counts) in encode_stream(texts, entry, root, workers))
     elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     # CPU seconds (this process and its finished workers) tell the work apart from time
     # lost to other processes on a shared machine
     return {"mb_per_s": size / elapsed / 1e6, "megabytes": size / 1e6, "seconds": elapsed,
-            "cpu_seconds": cpu, "mb_per_cpu_s": size / cpu / 1e6, "tokens": int(sum(len(i) for i in ids))}
+            "cpu_seconds": cpu, "mb_per_cpu_s": size / cpu / 1e6, "tokens": int(tokens),
+            "mb_per_s_per_worker": size / elapsed / 1e6 / workers}
 
 
 def main() -> int:
@@ -85,20 +89,22 @@ def main() -> int:
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, range(os.cpu_count()))
         tok = [dict(workers=w, **tokenize_rate(docs, manifest["tokenizer"], tmp, w)) for w in (1, 2)]
+    scaling = tok[1]["mb_per_s"] / tok[0]["mb_per_s"]  # 2.0 would be perfect; shared cores give less
     result = {"seq_len": a.seq_len, "micro_batch_size": a.micro_batch_size, "loader": rows, "tokenize": tok,
               "prepare_shakespeare_s": prepare_s, "vocab_size": manifest["vocab_size"],
               "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-              "target_tokens_per_s": 2e6, "load_average": os.getloadavg()}
+              "target_tokens_per_s": 2e6, "load_average": os.getloadavg(), "tokenize_scaling_1_to_2": scaling}
     print(f"loader, 1 process on 1 core, seq_len {a.seq_len}, micro-batch {a.micro_batch_size}:")
     print(f"  {'verify':>6} {'shuffle':>7} {'Mtokens/s':>10} {'Mtokens/CPU s':>14} {'batches':>8}")
     for r in rows:
         print(f"  {str(r['verify']):>6} {str(r['shuffle']):>7} {r['tokens_per_s'] / 1e6:10.2f} "
               f"{r['tokens_per_cpu_s'] / 1e6:14.2f} {r['batches']:8d}")
     print(f"tokenization (sentencepiece BPE {manifest['vocab_size']}, {tok[0]['megabytes']:.1f} MB of text):")
-    print(f"  {'workers':>7} {'MB/s':>8} {'seconds':>8} {'CPU s':>7} {'MB/CPU s':>9}")
+    print(f"  {'workers':>7} {'MB/s':>8} {'MB/s/worker':>11} {'seconds':>8} {'CPU s':>7} {'MB/CPU s':>9}")
     for r in tok:
-        print(f"  {r['workers']:7d} {r['mb_per_s']:8.2f} {r['seconds']:8.2f} {r['cpu_seconds']:7.2f} "
-              f"{r['mb_per_cpu_s']:9.2f}")
+        print(f"  {r['workers']:7d} {r['mb_per_s']:8.2f} {r['mb_per_s_per_worker']:11.2f} {r['seconds']:8.2f} "
+              f"{r['cpu_seconds']:7.2f} {r['mb_per_cpu_s']:9.2f}")
+    print(f"  1 -> 2 workers: {scaling:.2f}x wall-clock")
     print(f"load average during the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     print(f"prepare shakespeare (seq_len {a.seq_len}, 1 worker): {prepare_s:.2f} s")
     os.makedirs(os.path.dirname(a.output), exist_ok=True)

@@ -8,7 +8,8 @@ def test_overrides_are_typed_and_validated():
                              "model.variant=t1"])
     validate_config(cfg, world_size=1)
     assert (cfg.train.steps, cfg.optim.betas, cfg.optim.lr, cfg.model.variant) == (7, (0.9, 0.95), 1e-4, "t1")
-    assert cfg.model.ffn_hidden_size == int(8 / 3 * cfg.model.hidden_size)
+    assert cfg.model.ffn_hidden_size == 344  # tiny_cpu: divisible by 2 and 4 (8/3 x 128 = 341 is not)
+    assert validate_config(load_config(None, ["model.ffn_hidden_size=0"])).model.ffn_hidden_size == 341
     keys = {k for k, _, _ in override_keys()}
     assert {"model.hidden_size", "parallel.tensor", "data.path", "train.run_dir"} <= keys
 

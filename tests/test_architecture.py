@@ -21,6 +21,9 @@ RULES = {
                              f"{PACKAGE}.parallel", f"{PACKAGE}.model"), ()),
     f"{PACKAGE}.generation": (("kernels", f"{PACKAGE}.parallel", f"{PACKAGE}.model", f"{PACKAGE}.data"),
                               ("deepspeed",)),
+    # The planner's formulas, and the measurements that check them on real training steps.
+    f"{PACKAGE}.planning": (("kernels", f"{PACKAGE}.config", f"{PACKAGE}.data", f"{PACKAGE}.parallel",
+                             f"{PACKAGE}.model", f"{PACKAGE}.training"), ()),
 }
 
 

@@ -50,7 +50,7 @@ CARRY_LIMIT = 64 * 2**20
 # time); fla-core is not installed here and is pinned to the release whose
 # `chunk_simple_gla(q, k, v, g_gamma=..., scale=...)` bench/kernels.py calls.
 CARRIED = ("megatron-core", "webdataset", "braceexpand", "hjson", "pydantic", "pydantic-core", "annotated-types",
-           "typing-inspection", "typing-extensions")
+           "typing-inspection", "typing-extensions", "zstandard")
 SDIST_ONLY = ("deepspeed",)
 PINNED = {"fla-core": "0.6.0"}
 TARGET = dict(python="3.12", implementation="cp", abi="cp312",

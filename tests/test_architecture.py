@@ -21,6 +21,8 @@ RULES = {
                              f"{PACKAGE}.parallel", f"{PACKAGE}.model"), ()),
     f"{PACKAGE}.generation": (("kernels", f"{PACKAGE}.parallel", f"{PACKAGE}.model", f"{PACKAGE}.data"),
                               ("deepspeed",)),
+    # The Hugging Face modeling code is copied into every export: it stands alone.
+    f"{PACKAGE}.hf": ((), ("deepspeed", "megatron")),
     # The planner's formulas, and the measurements that check them on real training steps.
     f"{PACKAGE}.planning": (("kernels", f"{PACKAGE}.config", f"{PACKAGE}.data", f"{PACKAGE}.parallel",
                              f"{PACKAGE}.model", f"{PACKAGE}.training"), ()),

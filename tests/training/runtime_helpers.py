@@ -87,3 +87,38 @@ def quiet_deepspeed() -> None:
 
     from deepspeed.utils import logger
     logger.setLevel(logging.WARNING)
+
+
+def train_layouts(cases, models: dict, steps: int, sequence: bool = False) -> dict:
+    """In a rank of run_ranks: for each (model name, (tensor, pipeline, context, zero)) of
+    `cases`, `steps` updates of the tiny config with models[name]'s settings (clipping 0.05,
+    so the global norm matters every update) -> {case: loss, grad_norm, labels, tokens per
+    update, and the tokens a block receives per sequence (single-stage models)}."""
+    from megatron_transnormer.parallel import destroy_distributed, init_distributed
+    from megatron_transnormer.training.runtime import build_runtime
+
+    quiet_deepspeed()
+    out = {}
+    try:
+        for model, (tp, pp, cp, zero) in cases:
+            settings = dict(models[model])
+            head = settings.pop("head", "lm")
+            cfg = tiny_config(tensor=tp, pipeline=pp, context=cp, zero=zero, clip=0.05, head=head, block_size=16,
+                              sequence=sequence, **settings)
+            layout = init_distributed(tp, pp, context=cp, sequence=sequence)
+            rt = build_runtime(cfg, layout, objective_for(cfg))
+            widths, hook = [], None
+            if pp == 1:
+                hook = rt.engine.module.layers[0].register_forward_pre_hook(
+                    lambda m, args: widths.append(args[0].shape[1]))
+            results = [rt.train_step(step_batches(s, layout, cfg)) for s in range(steps)]
+            if hook is not None:
+                hook.remove()
+            out[model, (tp, pp, cp, zero)] = {"loss": [r.loss for r in results],
+                                              "grad_norm": [r.grad_norm for r in results],
+                                              "labels": [r.labels for r in results],
+                                              "tokens": [r.tokens for r in results],
+                                              "block_tokens": sorted(set(widths)), "seq_len": cfg.data.seq_len}
+    finally:
+        destroy_distributed()
+    return out

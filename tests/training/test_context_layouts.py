@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.multiproc import run_ranks
-from tests.training.runtime_helpers import objective_for, quiet_deepspeed, step_batches, tiny_config
+from tests.training.runtime_helpers import train_layouts
 
 STEPS, RTOL = 4, 1e-5
 # name -> (model settings, layouts on this world size: (tensor, pipeline, context, zero))
@@ -23,27 +23,7 @@ FOUR = [("t2_decay", (1, 1, 4, 0)), ("t1", (2, 1, 2, 0)), ("masked_lm", (1, 1, 2
 
 
 def _train(rank, world_size, cases):
-    from megatron_transnormer.parallel import destroy_distributed, init_distributed
-    from megatron_transnormer.training.runtime import build_runtime
-
-    quiet_deepspeed()
-    out = {}
-    try:
-        for model, (tp, pp, cp, zero) in cases:
-            settings = dict(MODELS[model])
-            head = settings.pop("head", "lm")
-            cfg = tiny_config(tensor=tp, pipeline=pp, context=cp, zero=zero, clip=0.05, head=head, block_size=16,
-                              **settings)
-            layout = init_distributed(tp, pp, context=cp)
-            rt = build_runtime(cfg, layout, objective_for(cfg))
-            results = [rt.train_step(step_batches(s, layout, cfg)) for s in range(STEPS)]
-            out[model, (tp, pp, cp, zero)] = {"loss": [r.loss for r in results],
-                                              "grad_norm": [r.grad_norm for r in results],
-                                              "labels": [r.labels for r in results],
-                                              "tokens": [r.tokens for r in results]}
-    finally:
-        destroy_distributed()
-    return out
+    return train_layouts(cases, MODELS, STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.multiproc import run_ranks
-from tests.training.runtime_helpers import objective_for, quiet_deepspeed, step_batches, tiny_config
+from tests.training.runtime_helpers import train_layouts
 
 STEPS, RTOL = 4, 1e-5
 MODELS = {
@@ -25,34 +25,7 @@ FOUR = [("t1", (2, 1, 1, 0)), ("vanilla", (2, 1, 1, 1)), ("masked_lm", (2, 1, 1,
 
 
 def _train(rank, world_size, cases, sequence):
-
-    from megatron_transnormer.parallel import destroy_distributed, init_distributed
-    from megatron_transnormer.training.runtime import build_runtime
-
-    quiet_deepspeed()
-    out = {}
-    try:
-        for model, (tp, pp, cp, zero) in cases:
-            settings = dict(MODELS[model])
-            head = settings.pop("head", "lm")
-            cfg = tiny_config(tensor=tp, pipeline=pp, context=cp, zero=zero, clip=0.05, head=head, block_size=16,
-                              sequence=sequence, **settings)
-            layout = init_distributed(tp, pp, context=cp, sequence=sequence)
-            rt = build_runtime(cfg, layout, objective_for(cfg))
-            widths = []
-            if pp == 1:  # what a block receives: [B, N / (cp·tp), d] under SP
-                block = rt.engine.module.layers[0]
-                hook = block.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
-            results = [rt.train_step(step_batches(s, layout, cfg)) for s in range(STEPS)]
-            if pp == 1:
-                hook.remove()
-            out[model, (tp, pp, cp, zero)] = {"loss": [r.loss for r in results],
-                                              "grad_norm": [r.grad_norm for r in results],
-                                              "block_tokens": sorted(set(widths)),
-                                              "seq_len": cfg.data.seq_len}
-    finally:
-        destroy_distributed()
-    return out
+    return train_layouts(cases, MODELS, STEPS, sequence=sequence)
 
 
 @pytest.fixture(scope="module")

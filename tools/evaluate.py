@@ -12,11 +12,14 @@ directory (its latest intact checkpoint). The settings are the run's resolved co
 evaluation runs under the launchers pretrain.py runs under, on the layout the checkpoint
 was saved with (its meta.json): another world size, parallel layout, ZeRO stage,
 precision or model shape is refused before any process group starts, naming each
-difference. The split is scored as the run's validation scores it (the same batches, the
-masked LM's masks drawn from (seed, epoch 0, sample index)): per-token and per-word
-perplexity for causal LMs, masked-token perplexity for the masked LM. Rank 0 shows a
-progress bar on a terminal (plain lines otherwise), prints one summary line and writes
-the result as JSON, by default to RUN_DIR/eval_<split>_step<N>.json.
+difference. A layout-free checkpoint (tools/convert_checkpoint.py, --model-only too)
+carries its config and loads into any layout: one process by default, or the parallel.*
+overrides given under a launcher; its results go beside it (not inside: its files are
+all checksummed). The split is scored as the run's validation scores it (the same
+batches, the masked LM's masks drawn from (seed, epoch 0, sample index)): per-token and
+per-word perplexity for causal LMs, masked-token perplexity for the masked LM. Rank 0
+shows a progress bar on a terminal (plain lines otherwise), prints one summary line and
+writes the result as JSON, by default to RUN_DIR/eval_<split>_step<N>.json.
 
 --table reads those files from each run directory given (each run's latest evaluated
 step) and prints the paper's tables, the published numbers beside the runs' own.
@@ -42,13 +45,17 @@ from megatron_transnormer.training.cli import UsageError, report_error
 PROG = "evaluate.py"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")  # checkpoint.step_dirname's names
 
+# The layout a layout-free checkpoint is evaluated with unless overrides say otherwise.
+_ONE_PROCESS = {"tensor": 1, "pipeline": 1, "context": 1, "zero_stage": 0}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", metavar="PATH",
-                      help="a checkpoint directory (RUN_DIR/checkpoints/step_NNNNNNNN), or a run directory: its "
-                           "latest intact checkpoint")
+                      help="a checkpoint directory (RUN_DIR/checkpoints/step_NNNNNNNN), a layout-free checkpoint, or "
+                           "a run directory: its latest intact checkpoint")
     what.add_argument("--table", nargs="+", metavar="RUN_DIR",
                       help="print the paper's tables from the evaluations (eval_<split>_step<N>.json) of these runs")
     p.add_argument("--split", default=None,
@@ -71,6 +78,7 @@ class Prepared:
     info: object  # the dataset manifest (DatasetInfo)
     checkpoint: Path
     step: int  # from its meta.json (or its name)
+    layout_free: bool  # a layout-free checkpoint (tools/convert_checkpoint.py): weights only are loaded
     split: str
     max_batches: int  # 0: the whole split
     output: Path
@@ -82,7 +90,8 @@ def _find_checkpoint(given: str) -> Path:
     if not path.is_dir():
         raise UsageError(f"--checkpoint {given}: no such directory (give a checkpoint, "
                          f"RUN_DIR/checkpoints/step_NNNNNNNN, or a run directory)")
-    if _STEP_DIR.match(path.name):
+    from megatron_transnormer.training.universal import is_layout_free
+    if _STEP_DIR.match(path.name) or is_layout_free(path):
         return path
     from megatron_transnormer.training.checkpoint import RUN_SUBDIR, CheckpointError, latest_checkpoint
     root = path / RUN_SUBDIR if (path / RUN_SUBDIR).is_dir() else path
@@ -106,22 +115,33 @@ def prepare(args: argparse.Namespace) -> Prepared:
 
     if args.batches < 0:
         raise UsageError(f"--batches {args.batches}: must be >= 0 (0: the whole split)")
+    from megatron_transnormer.training.universal import CONFIG_FILE, is_layout_free
     checkpoint = _find_checkpoint(args.checkpoint)
-    run_dir = checkpoint.parent.parent
-    config_file = run_dir / "config.yaml"
+    layout_free = is_layout_free(checkpoint)
+    overrides = list(args.overrides)
+    if layout_free:
+        # It carries its run's config and no layout: any layout loads it, one process unless
+        # the overrides (and the launcher) say otherwise. Results go beside it, not inside:
+        # all its files are checksummed.
+        run_dir, config_file = checkpoint.parent, checkpoint / CONFIG_FILE
+        overrides = [f"parallel.{k}={v}" for k, v in _ONE_PROCESS.items()] + overrides
+    else:
+        run_dir = checkpoint.parent.parent
+        config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise UsageError(f"--checkpoint {args.checkpoint}: no {config_file} (pretrain.py writes the run's resolved "
                          f"config there); evaluate a checkpoint inside its run directory")
     try:
-        cfg = validate_config(load_config(str(config_file), args.overrides))
+        cfg = validate_config(load_config(str(config_file), overrides))
         info = cli.load_data_info(cfg.data.path)
         split = args.split or cfg.data.valid_split
         if split not in info.manifest["splits"]:
             raise UsageError(f"--split {split}: dataset {info.path} has no split {split!r} (it has "
                              f"{', '.join(info.splits)})")
         if cfg.model.head == "classification":
-            raise UsageError(f"--checkpoint {args.checkpoint}: a classifier (model.head=classification); its "
-                             f"accuracy needs a classification objective, which this project does not have yet")
+            raise UsageError(f"--checkpoint {args.checkpoint}: a classifier (model.head=classification); its run "
+                             f"scores the best validation checkpoint on the test split itself (test_result.json "
+                             f"in the run directory; tools/lra_table.py gathers them)")
         cli.check_kernels(cfg)
         cli.apply_manifest(cfg, info)
         check_sequence_length(cfg, cfg.data.seq_len)
@@ -137,7 +157,9 @@ def prepare(args: argparse.Namespace) -> Prepared:
             raise UsageError(f"--checkpoint: {e}") from None
         world_size = cli.launcher_world_size()
         if meta is not None:  # a checkpoint without meta.json: the runtime's load checks the layout
-            what = cli.layout_mismatch(meta, cfg, world_size)
+            what = cli.layout_mismatch(meta, cfg, world_size)  # layout-free: model settings only
+            if what and layout_free:
+                raise UsageError(f"--checkpoint: {checkpoint} holds another model ({what})")
             if what:
                 ranks = meta.get("world_size", "its")
                 raise UsageError(f"--checkpoint: {checkpoint} was saved with another layout ({what}); evaluate it "
@@ -156,8 +178,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
     if output.is_dir() or not output.parent.is_dir():
         raise UsageError(f"--output {output}: " + ("is a directory" if output.is_dir()
                                                     else f"its folder {output.parent} does not exist"))
-    return Prepared(cfg=cfg, info=info, checkpoint=checkpoint, step=step, split=split, max_batches=args.batches,
-                    output=output)
+    return Prepared(cfg=cfg, info=info, checkpoint=checkpoint, step=step, layout_free=layout_free, split=split,
+                    max_batches=args.batches, output=output)
 
 
 class Progress:
@@ -209,7 +231,11 @@ def evaluate(prep: Prepared) -> dict | None:
         objective = build_objective(cfg, prep.info)
         rt = build_runtime(cfg, layout, objective)
         phase = f"loading {prep.checkpoint}"
-        client_state, _ = rt.load_checkpoint(prep.checkpoint)
+        if prep.layout_free:  # the weights are all an evaluation needs (a --model-only export will do)
+            from megatron_transnormer.training import universal
+            client_state, _ = universal.load(rt, prep.checkpoint, weights_only=True)
+        else:
+            client_state, _ = rt.load_checkpoint(prep.checkpoint)
         phase = f"evaluating split {split!r} of {prep.info.path}"
         stream = TokenStream(cfg.data, split=split, dp_rank=layout.dp_rank, dp_size=layout.dp_size,
                              micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, shuffle=False,

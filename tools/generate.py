@@ -7,11 +7,11 @@
     python tools/generate.py --config alm/tiny_cpu [key=value ...] --prompt "KING." --max-new-tokens 20
 
 --checkpoint takes a checkpoint directory (step_NNNNNNNN), or a run directory or its
-checkpoints/ folder, whose newest intact checkpoint is used. The weights are read from a
-checkpoint saved by a one-process run at ZeRO stage 0, where DeepSpeed keeps the whole
-state dict in one file (mp_rank_00_model_states.pt), with torch's weights-only unpickler;
-checkpoints of other layouts keep the weights split over files and are refused (they need
-a layout-free export of the weights first). The model settings come from the config the
+checkpoints/ folder, whose newest intact checkpoint is used, or a layout-free checkpoint
+(tools/convert_checkpoint.py, safetensors). A step checkpoint must come from a one-process
+run at ZeRO stage 0, where DeepSpeed keeps the whole state dict in one file
+(mp_rank_00_model_states.pt), read with torch's weights-only unpickler; checkpoints of
+other layouts keep the weights split over files and are refused (convert them first). The model settings come from the config the
 checkpoint carries; the tokenizer from its dataset (data.path in that config, or --data).
 --config builds the model a config describes with random weights (seeded by train.seed),
 for smoke tests; its tokenizer comes from data.path too.
@@ -74,10 +74,17 @@ def checkpoint_dir(path: str) -> Path:
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(the config dict the run saved, the model's state dict) of a one-process ZeRO 0 checkpoint."""
+    """(the config dict the run saved, the model's state dict) of a one-process ZeRO 0
+    checkpoint, or of a layout-free checkpoint of any layout (tools/convert_checkpoint.py)."""
+    from megatron_transnormer.training import universal
     from megatron_transnormer.training.checkpoint import META_FILE, read_meta
     from megatron_transnormer.training.cli import UsageError
-    from megatron_transnormer.training.deepspeed_loading import load_weights_only
+    from megatron_transnormer.training.deepspeed_loading import CheckpointError, load_weights_only
+    if universal.is_layout_free(path):  # whole tensors under the model's own names, from safetensors
+        try:
+            return universal.read_model(path)
+        except CheckpointError as e:
+            raise UsageError(f"--checkpoint {path}: {e}") from None
     meta = read_meta(path)
     if meta is None:
         raise UsageError(f"--checkpoint {path}: no {META_FILE}, so the layout it was saved with is unknown; "
@@ -88,7 +95,7 @@ def load_checkpoint(path: Path) -> tuple[dict, dict]:
         what = ", ".join(f"{k}={v}" for k, v in layout.items())
         raise UsageError(f"--checkpoint {path}: saved with {what} (its {META_FILE}); only a checkpoint of a "
                          f"one-process run at ZeRO stage 0 holds the whole model in {MODEL_FILE}: for this one "
-                         f"a layout-free export of the weights is needed")
+                         f"a layout-free export of the weights is needed (tools/convert_checkpoint.py)")
     file = path / MODEL_FILE
     if not file.is_file():
         raise UsageError(f"--checkpoint {path}: {MODEL_FILE} is missing; a layout-free export of the weights "

@@ -29,6 +29,9 @@ class ModelConfig:
     hidden_size: int = 512
     num_layers: int = 6
     num_heads: int = 8
+    # Heads of the DiagAttention layers when they differ from num_heads (the LRA models' "local
+    # heads", spec §9); 0: num_heads.
+    local_heads: int = 0
     # The token mixer of every layer: diag (DiagAttention), norm (NormAttention), softmax
     # (full softmax attention), linear (1+elu linear attention). A list, or a compact
     # string such as "diag*6,norm*6". Empty: the family's pattern (TransNormer: the first
@@ -54,6 +57,21 @@ class ModelConfig:
     head: str = "lm"
     num_classes: int = 0  # classification only
     pooling: str = "mean"  # classification: mean over real tokens | first (token 0)
+    # classification: what follows the pooling. mlp: dense, GELU, class logits; linear: one
+    # linear layer (the LRA models, spec §9); two_tower: each sample is two documents encoded
+    # by the same network (LRA Retrieval), their pooled u, v classified from [u, v, u·v, u−v]
+    # by dense, GELU, class logits.
+    classifier: str = "mlp"
+    # The norm of the blocks (and the final norm): empty for the family's (SRMSNorm for
+    # TransNormer, LayerNorm otherwise); batch: batch norm over the real tokens of the global
+    # batch (statistics all-reduced over data parallelism, running statistics in evaluation),
+    # also as the attention-output norm (the LRA models, spec §9).
+    norm: str = ""
+    # What the sequence holds: tokens (ids into the embedding table) or pixels (intensities
+    # 0-255, each one feature (v/255 - pixel_mean) / pixel_std through a linear encoder).
+    input: str = "tokens"
+    pixel_mean: float = 0.5
+    pixel_std: float = 0.5
     dropout: float = 0.1
     attention_dropout: float = 0.0
     # Triton kernels: auto (on CUDA), torch (reference, always), triton (required).
@@ -72,6 +90,9 @@ class DataConfig:
     path: str = ""  # a prepared dataset directory (holds manifest.json) or a manifest file
     train_split: str = "train"
     valid_split: str = "valid"
+    # Classification datasets (LRA): scored at the end of training with the checkpoint of the
+    # best validation accuracy.
+    test_split: str = "test"
     seq_len: int = 0  # 0: the manifest's sequence length
     num_workers: int = 0  # loader worker processes per rank
     shuffle_buffer: int = 1000  # samples held for shuffling
@@ -210,6 +231,10 @@ def _validate_model(m: ModelConfig) -> None:
     head_dim = m.hidden_size // m.num_heads
     _check(head_dim % 2 == 0, "model.hidden_size",
            f"head dimension {head_dim} must be even (LRPE rotates pairs)")
+    _check(m.local_heads >= 0, "model.local_heads", f"must be >= 0, got {m.local_heads}")
+    if m.local_heads:
+        _check(m.hidden_size % m.local_heads == 0 and (m.hidden_size // m.local_heads) % 2 == 0, "model.local_heads",
+               f"{m.local_heads} heads must split model.hidden_size={m.hidden_size} into heads of an even dimension")
     if m.layers:  # the loader has expanded a compact "diag*6,norm*6" into names
         for name in m.layers:
             _one_of(name, "model.layers", MIXERS)
@@ -236,6 +261,24 @@ def _validate_model(m: ModelConfig) -> None:
     if m.head == "classification":
         _check(m.num_classes >= 2, "model.num_classes",
                f"model.head=classification needs at least 2 classes, got {m.num_classes}")
+    _one_of(m.classifier, "model.classifier", ("mlp", "linear", "two_tower"))
+    _check(m.classifier == "mlp" or m.head == "classification", "model.classifier",
+           f"{m.classifier!r} needs model.head=classification, not {m.head!r}")
+    _one_of(m.norm, "model.norm", ("", "srms", "layernorm", "batch"))
+    _one_of(m.input, "model.input", ("tokens", "pixels"))
+    _check(m.pixel_std > 0, "model.pixel_std", f"must be positive, got {m.pixel_std}")
+    if m.norm == "batch":
+        # Batch statistics over the real tokens need the padding mask and a whole sample per rank.
+        _check(m.head == "classification", "model.norm",
+               f"batch needs model.head=classification (padded samples with a mask), not {m.head!r}")
+        # Recomputation reruns the norm in the backward, which would update the running
+        # statistics a second time.
+        _check(not m.recompute_attention, "model.recompute_attention",
+               "true with model.norm=batch: recomputing the attention would update the batch-norm running "
+               "statistics twice; set model.recompute_attention=false")
+    if m.input == "pixels":
+        _check(m.head == "classification", "model.input",
+               f"pixels needs model.head=classification, not {m.head!r}")
     for key in ("dropout", "attention_dropout"):
         v = getattr(m, key)
         _check(0.0 <= v < 1.0, f"model.{key}", f"must be in [0, 1), got {v}")
@@ -264,6 +307,8 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
     _one_of(p.zero_stage, "parallel.zero_stage", (0, 1, 2, 3))
     _check(m.num_heads % p.tensor == 0, "parallel.tensor",
            f"model.num_heads={m.num_heads} is not divisible by tensor-parallel size {p.tensor}")
+    _check((m.local_heads or m.num_heads) % p.tensor == 0, "parallel.tensor",
+           f"model.local_heads={m.local_heads} is not divisible by tensor-parallel size {p.tensor}")
     _check(m.ffn_hidden_size % p.tensor == 0, "parallel.tensor",
            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by tensor-parallel size {p.tensor}")
     _check(not (p.pipeline > 1 and p.zero_stage > 1), "parallel.zero_stage",
@@ -304,6 +349,17 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
         check_sequence_length(cfg, d.seq_len)
 
     _check(p.context >= 1, "parallel.context", f"must be >= 1, got {p.context}")
+    if is_lra_model(m):
+        # Batch norm is synchronised over the data-parallel group only, and the pixel encoder
+        # and two-tower head exist unsharded: these models train with data parallelism (and ZeRO).
+        what = lra_model_keys(m)
+        for key, size in (("tensor", p.tensor), ("pipeline", p.pipeline), ("context", p.context)):
+            _check(size == 1, f"parallel.{key}",
+                   f"{size} with {what} (an LRA model): only data parallelism (with any parallel.zero_stage) "
+                   f"is supported for it; set parallel.{key}=1")
+        _check(not (t.activation_checkpointing and m.norm == "batch"), "train.activation_checkpointing",
+               f"true with model.norm=batch: recomputing the blocks would update the batch-norm running statistics "
+               f"twice; set train.activation_checkpointing=false")
     if p.context > 1:
         # Softmax attention would need every slice's keys and values on every rank.
         _check("softmax" not in m.layers, "parallel.context",
@@ -323,6 +379,16 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
                f"{t.global_batch_size} is not a multiple of micro_batch_size ({t.micro_batch_size}) "
                f"x data-parallel size ({dp})")
     return cfg
+
+
+def lra_model_keys(m: ModelConfig) -> str:
+    """The settings that make `m` one of the LRA models, as "model.norm=batch, ...", or ""."""
+    keys = [("norm", "batch"), ("input", "pixels"), ("classifier", "two_tower")]
+    return ", ".join(f"model.{k}={v}" for k, v in keys if getattr(m, k) == v)
+
+
+def is_lra_model(m: ModelConfig) -> bool:
+    return bool(lra_model_keys(m))
 
 
 def check_sequence_length(cfg: Config, seq_len: int) -> None:

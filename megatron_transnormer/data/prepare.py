@@ -150,7 +150,8 @@ def load_corpus(o: PrepareOptions) -> Corpus:
         corpus = Corpus(spec=spec, split_of=sources.assign_splits(total, o.split_ratios, o.seed),
                         part=(i * total // n, (i + 1) * total // n))
         # what every part of one preparation must share (checked by the merge)
-        corpus.settings = {"documents": total, "split": list(o.split_ratios), "paragraphs": o.paragraphs,
+        corpus.settings = {"documents": total, "split": [float(r) for r in o.split_ratios],
+                           "paragraphs": o.paragraphs,
                            "input_format": o.input_format, "jsonl_field": o.jsonl_field,
                            "parquet_column": o.parquet_column, "files": len(spec.files),
                            "files_sha256": hashlib.sha256("\n".join(os.path.basename(f) for f in spec.files)

@@ -23,6 +23,7 @@ class SplitTotals:
     nll_sum: float = 0.0  # nats, summed over the labelled tokens of every rank's batches
     tokens: int = 0  # labelled (scored) tokens over all ranks
     batches: int = 0  # global batches evaluated
+    correct: int | None = None  # classifiers: samples answered right over all ranks (else None)
 
 
 def evaluate_split(next_batch: Callable[[], object], eval_batch: Callable[[object], tuple[float, int]],
@@ -36,7 +37,7 @@ def evaluate_split(next_batch: Callable[[], object], eval_batch: Callable[[objec
         on every rank (False wherever any rank is exhausted): eval_batch is collective.
         None: one process, evaluate while there are batches.
     eval_batch(batch): (loss sum, labelled tokens), each summed over the data-parallel
-        group (`Runtime.eval_batch`).
+        group (`Runtime.eval_batch`); a classifier's adds a third, the samples answered right.
     progress(totals): after each batch.
     """
     totals = SplitTotals()
@@ -44,9 +45,11 @@ def evaluate_split(next_batch: Callable[[], object], eval_batch: Callable[[objec
         batch = next_batch()
         if not (agree(batch is None) if agree is not None else batch is not None):
             break
-        loss_sum, tokens = eval_batch(batch)
+        loss_sum, tokens, *correct = eval_batch(batch)
         totals.nll_sum += float(loss_sum)
         totals.tokens += int(tokens)
+        if correct:
+            totals.correct = (totals.correct or 0) + int(correct[0])
         totals.batches += 1
         if progress is not None:
             progress(totals)
@@ -55,10 +58,13 @@ def evaluate_split(next_batch: Callable[[], object], eval_batch: Callable[[objec
 
 def split_record(totals: SplitTotals, info, split: str, word_level: bool) -> dict:
     """{loss, ppl, tokens} per labelled token, and word_ppl (the paper's per-word
-    perplexity, `perplexity.report`) when word_level (causal LMs). info: the DatasetInfo
-    the split's word and token counts come from. totals must hold at least one token."""
+    perplexity, `perplexity.report`) when word_level (causal LMs), accuracy (in %) for
+    classifiers. info: the DatasetInfo the split's word and token counts come from. totals
+    must hold at least one token (a classifier's: one sample)."""
     record = {"loss": totals.nll_sum / totals.tokens, "ppl": token_perplexity(totals.nll_sum, totals.tokens),
               "tokens": totals.tokens}
+    if totals.correct is not None:
+        record["accuracy"] = 100.0 * totals.correct / totals.tokens
     if word_level:
         record["word_ppl"] = report(totals.nll_sum, totals.tokens, info, split).word_ppl
     return record

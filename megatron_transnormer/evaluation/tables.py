@@ -207,3 +207,83 @@ def paper_tables(runs: list[RunResults]) -> str:
     if unknown:
         out.append(f"(no paper table for model.head={', '.join(unknown)} yet)")
     return "\n\n".join(out)
+
+
+# ---------------------------------------------------------------- Long-Range Arena
+# The classifiers' runs (configs/lra/) leave test_result.json in their run directory
+# (training/loop.py): the test accuracy of the best-validation checkpoint.
+LRA_RESULT = "test_result.json"
+LRA_TASKS = (("listops", "ListOps"), ("text", "Text"), ("retrieval", "Retrieval"), ("image", "Image"),
+             ("pathfinder", "Pathfinder"), ("pathx", "Path-X"))
+# Published TransNormer accuracies (%, the paper's LRA table); its average is over the five
+# tasks it reports (no Path-X score).
+LRA_PUBLISHED = {"t1": {"listops": 41.03, "text": 66.90, "retrieval": 83.11, "image": 51.60, "pathfinder": 75.92},
+                 "t2": {"listops": 41.60, "text": 72.20, "retrieval": 83.82, "image": 49.60, "pathfinder": 76.80}}
+LRA_PUBLISHED_AVERAGE = {"t1": 63.71, "t2": 64.80}
+
+
+@dataclass
+class LRARun:
+    run_dir: Path
+    task: str
+    variant: str
+    step: int  # of the best-validation checkpoint
+    val_accuracy: float
+    test_accuracy: float
+
+
+def read_lra_run(run_dir: str | Path) -> LRARun:
+    """The test result of an LRA run (TableError when it has none or it is malformed)."""
+    run_dir = Path(run_dir)
+    path = run_dir / LRA_RESULT
+    if not run_dir.is_dir():
+        raise TableError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise TableError(f"{path}: missing; the run has not finished (its end scores the best-validation "
+                         f"checkpoint on the test split): train it to train.steps, e.g. "
+                         f"python pretrain.py --config lra/<task>_<variant> train.run_dir={run_dir}")
+    try:
+        record = json.loads(path.read_text())
+        task, variant = record["task"], record["config"]["model"]["variant"]
+        if task not in dict(LRA_TASKS):
+            raise ValueError(f"task {task!r} is not an LRA task")
+        return LRARun(run_dir, task, variant, int(record["step"]), float(record["val_accuracy"]),
+                      float(record["test_accuracy"]))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise TableError(f"{path}: not a test result written by pretrain.py ({type(e).__name__}: {e})") from None
+
+
+def _average(scores: dict) -> float | None:
+    """The paper's average: over its five tasks, when every one of them has a score."""
+    five = [scores.get(task) for task in LRA_PUBLISHED["t2"]]
+    return None if None in five else sum(five) / len(five)
+
+
+def lra_table(runs: list[LRARun]) -> str:
+    """The paper's LRA table (test accuracy per task and the average) with this project's T1
+    and T2 rows beside the published ones, then the runs it was drawn from. Where several
+    runs share a task and variant, the one with the best validation accuracy stands in the
+    table (chosen by validation, as each run chose its checkpoint)."""
+    chosen: dict[tuple[str, str], LRARun] = {}
+    for run in runs:
+        key = (run.variant, run.task)
+        if key not in chosen or run.val_accuracy > chosen[key].val_accuracy:
+            chosen[key] = run
+    header = ["model", *(name for _, name in LRA_TASKS), "average"]
+    rows = []
+    for variant in ("t1", "t2"):
+        ours = {task: chosen[(variant, task)].test_accuracy for task, _ in LRA_TASKS if (variant, task) in chosen}
+        rows.append([f"TransNormer {variant.upper()} (these runs)", *(ours.get(t) for t, _ in LRA_TASKS),
+                     _average(ours)])
+        paper = LRA_PUBLISHED[variant]
+        rows.append([f"TransNormer {variant.upper()} (paper)", *(paper.get(t) for t, _ in LRA_TASKS),
+                     LRA_PUBLISHED_AVERAGE[variant]])
+    runs_rows = [[str(r.run_dir), dict(LRA_TASKS)[r.task], r.variant.upper(), r.step, r.val_accuracy,
+                  r.test_accuracy, "yes" if chosen[(r.variant, r.task)] is r else ""]
+                 for r in sorted(runs, key=lambda r: (r.variant, [t for t, _ in LRA_TASKS].index(r.task), str(r.run_dir)))]
+    return ("### Long-Range Arena: test accuracy (%)\n\n" + markdown_table(header, rows)
+            + "\n\nTest accuracy of each run's best-validation checkpoint. The average is the paper's: over "
+              "ListOps, Text, Retrieval, Image and Pathfinder, shown once all five have a run (the paper "
+              "reports no Path-X score).\n\n### Runs\n\n"
+            + markdown_table(["run", "task", "variant", "best step", "valid acc", "test acc", "in table"],
+                             runs_rows))

@@ -4,14 +4,16 @@
     post-norm (the masked LM):  x = norm1(x + drop(mixer(x)));  x = norm2(x + drop(mlp(x)))
 
 What a layer holds comes from its `BlockSpec` (made by spec.block_specs): the mixer named in
-`model.layers`, the channel mixer of `model.mlp`, SRMSNorm (TransNormer) or LayerNorm
-(baselines).
+`model.layers`, the channel mixer of `model.mlp`, SRMSNorm (TransNormer), LayerNorm
+(baselines) or batch norm (the LRA models, spec §9: also the attention-output norm, and
+statistics over the real tokens only, so the block hands the norms the padding mask).
 
 Dropout draws from torch's default generator. The hidden states are replicated over the
 TP group, so every rank of a TP group must be seeded alike to drop the same units.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import MIXERS
 from .mlp import build_mlp
-from .norms import build_norm
+from .norms import MaskedBatchNorm, build_norm
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class BlockSpec:
     index: int
     mixer: str  # diag | norm | softmax | linear
     mlp: str  # glu | relu | gelu
-    norm: str  # srms | layernorm
+    norm: str  # srms | layernorm | batch
     post_norm: bool
 
 
@@ -44,23 +46,38 @@ class Block(nn.Module):
         self.activation_checkpointing = False
         self.norm1 = build_norm(spec.norm, cfg.hidden_size, cfg.kernels)
         self.norm2 = build_norm(spec.norm, cfg.hidden_size, cfg.kernels)
-        self.mixer = MIXERS[spec.mixer](cfg, spec.index)
+        mixer_cfg = cfg
+        if spec.mixer == "diag" and cfg.local_heads and cfg.local_heads != cfg.num_heads:
+            mixer_cfg = dataclasses.replace(cfg, num_heads=cfg.local_heads)  # model.local_heads
+        self.mixer = MIXERS[spec.mixer](mixer_cfg, spec.index)
         self.mlp = build_mlp(spec.mlp, cfg.hidden_size, cfg.ffn_hidden_size)
+        if spec.norm == "batch" and getattr(self.mixer, "norm", None) is not None:
+            # The attention output is normalised by the block's kind of norm too (spec §9);
+            # the mixer calls it without the padding mask, which _forward binds to it.
+            self.mixer.norm = build_norm(spec.norm, cfg.hidden_size, cfg.kernels)
+        self.masked_norms = [m for m in self.modules() if isinstance(m, MaskedBatchNorm)]
 
-    def _layer(self, x: torch.Tensor, mix):
+    def _norm(self, norm: nn.Module, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        return norm(x, valid) if isinstance(norm, MaskedBatchNorm) else norm(x)
+
+    def _layer(self, x: torch.Tensor, mix, valid: torch.Tensor | None = None):
         """The layer around a token mixer `mix(h) -> (output, extra)`; returns (x, extra): the
         extra is the mixer's recurrent state when decoding starts (prefill), else None."""
         drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
+        norm1 = lambda t: self._norm(self.norm1, t, valid)  # noqa: E731
+        norm2 = lambda t: self._norm(self.norm2, t, valid)  # noqa: E731
         if self.post_norm:
             out, extra = mix(x)
-            x = self.norm1(x + drop(out))
-            return self.norm2(x + drop(self.mlp(x))), extra
-        out, extra = mix(self.norm1(x))
+            x = norm1(x + drop(out))
+            return norm2(x + drop(self.mlp(x))), extra
+        out, extra = mix(norm1(x))
         x = x + drop(out)
-        return x + drop(self.mlp(self.norm2(x))), extra
+        return x + drop(self.mlp(norm2(x))), extra
 
     def _forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        return self._layer(x, lambda h: (self.mixer(h, positions, valid), None))[0]
+        for norm in self.masked_norms:
+            norm.valid = valid
+        return self._layer(x, lambda h: (self.mixer(h, positions, valid), None), valid)[0]
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None):
         """forward over a (left-padded) prompt -> (output, the mixer's state after it; decoding.py)."""

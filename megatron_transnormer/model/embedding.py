@@ -6,6 +6,11 @@
 E's rows (the vocabulary) are split over TP; the same E is the output projection of the
 LM heads (heads.py). Positions are an input, so a slice of a longer sequence or one
 decoding step embeds its own offsets.
+
+Pixel inputs (`model.input=pixels`, the LRA image tasks, spec §9): the ids are intensities
+0-255, each embedded as one real feature through a linear encoder (replicated over TP):
+
+    x = dropout(W ((id / 255 - pixel_mean) / pixel_std) + b  [+ positions])
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from torch import nn
 
 from ..parallel import sequence
 from ..parallel.tensor_parallel import declare_init, tp_group, tp_size
+from .heads import replicated_linear
 from .init import normal
 from .megatron_config import megatron_config, unused_init
 from .norms import layer_norm
@@ -66,7 +72,12 @@ class Embedding(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.hidden_size
-        self.word = _word_table(cfg)
+        self.pixels = cfg.input == "pixels"
+        if self.pixels:
+            self.encoder = replicated_linear(1, d)
+            self.pixel_mean, self.pixel_std = cfg.pixel_mean, cfg.pixel_std
+        else:
+            self.word = _word_table(cfg)
         self.scale = math.sqrt(d) if cfg.embedding_scale else None
         self.kind = cfg.positions
         self.position_table = None
@@ -77,12 +88,16 @@ class Embedding(nn.Module):
         self.dropout = cfg.dropout
 
     @property
-    def weight(self) -> torch.Tensor:
-        """This rank's shard of E, [vocab/tp, d]; what the LM heads tie to."""
-        return self.word.weight
+    def weight(self) -> torch.Tensor | None:
+        """This rank's shard of E, [vocab/tp, d]; what the LM heads tie to (None for pixels)."""
+        return None if self.pixels else self.word.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.word(input_ids)
+        if self.pixels:
+            feature = (input_ids.unsqueeze(-1).to(self.encoder.weight.dtype) / 255.0 - self.pixel_mean) / self.pixel_std
+            x = self.encoder(feature)
+        else:
+            x = self.word(input_ids)
         if self.scale is not None:
             x = x * self.scale
         if self.kind == "sinusoidal":

@@ -3,7 +3,10 @@
 Every head has one signature, `head(hidden, valid, output_mask, embedding_weight)`:
   * `LMHead` (causal LM, spec §7): logits through the tied embedding;
   * `MaskedLMHead` (RoBERTa, spec §8): dense -> GELU -> LayerNorm -> tied decoder + bias;
-  * `ClassificationHead` (LRA): pooling over the real tokens -> dense -> GELU -> classes.
+  * `ClassificationHead`: pooling over the real tokens -> dense -> GELU -> classes, or one
+    linear layer (`model.classifier=linear`, the LRA models), or the two-tower classifier of
+    LRA Retrieval (`two_tower`: the batch holds each sample's two documents, first all the
+    first ones then all the second ones; features [u, v, u·v, u−v] -> dense -> GELU -> classes).
 `tied` says whether the head needs the embedding table (the pipeline fetches it from the
 first stage's tied copy). Vocabulary logits stay split over TP (`vocab_logits`); the loss
 is `vocab_parallel_cross_entropy`, never a gather. With `output_mask` [B, N] the token
@@ -22,7 +25,7 @@ from torch import nn
 from ..parallel import sequence
 from ..parallel.tensor_parallel import declare_init, tp_group, tp_size
 from .init import constant, linear_default
-from .norms import layer_norm
+from .norms import build_norm, head_holds_final_norm, layer_norm
 
 
 def vocab_logits(hidden: torch.Tensor, embedding_weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -32,7 +35,7 @@ def vocab_logits(hidden: torch.Tensor, embedding_weight: torch.Tensor, bias: tor
     return F.linear(hidden, embedding_weight, bias)
 
 
-def _linear(d_in: int, d_out: int) -> nn.Linear:
+def replicated_linear(d_in: int, d_out: int) -> nn.Linear:
     """A replicated Linear with torch's default initialisation, declared for layout-independent init."""
     layer = nn.Linear(d_in, d_out)
     declare_init(layer.weight, linear_default(d_in))
@@ -68,7 +71,7 @@ class MaskedLMHead(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.hidden_size
-        self.dense = _linear(d, d)
+        self.dense = replicated_linear(d, d)
         self.norm = layer_norm(d)
         self.bias = nn.Parameter(torch.empty(cfg.vocab_size // tp_size()))
         declare_init(self.bias, constant(0.0), partition_dim=0)
@@ -79,19 +82,35 @@ class MaskedLMHead(nn.Module):
         return vocab_logits(h, embedding_weight, self.bias)
 
 
+def two_tower_features(pooled: torch.Tensor) -> torch.Tensor:
+    """pooled [2B, d], the B first documents then the B second ones -> [u, v, u·v, u−v] [B, 4d]."""
+    u, v = pooled.chunk(2, dim=0)
+    return torch.cat([u, v, u * v, u - v], dim=-1)
+
+
 class ClassificationHead(nn.Module):
-    """Mean of the real tokens' states (or token 0's), then a two-layer classifier -> [B, classes]."""
+    """Mean of the real tokens' states (or token 0's), then the classifier of
+    `model.classifier` -> [B, classes] (module docstring). A pre-norm model with batch norm
+    applies its final norm here, where the padding mask is known (norms.head_holds_final_norm)."""
 
     tied = False
 
     def __init__(self, cfg):
         super().__init__()
+        d = cfg.hidden_size
         self.pooling = cfg.pooling
-        self.dense = _linear(cfg.hidden_size, cfg.hidden_size)
-        self.out = _linear(cfg.hidden_size, cfg.num_classes)
+        self.classifier = cfg.classifier
+        self.norm = build_norm("batch", d) if head_holds_final_norm(cfg) else None
+        if cfg.classifier == "linear":
+            self.out = replicated_linear(d, cfg.num_classes)
+        else:
+            self.dense = replicated_linear(4 * d if cfg.classifier == "two_tower" else d, d)
+            self.out = replicated_linear(d, cfg.num_classes)
 
     def forward(self, hidden, valid, output_mask, embedding_weight):
         hidden = sequence.gather(hidden, partial_grads=False)  # the classifier is replicated
+        if self.norm is not None:
+            hidden = self.norm(hidden, valid)
         if self.pooling == "first":
             pooled = hidden[:, 0]
         elif valid is None:
@@ -99,6 +118,10 @@ class ClassificationHead(nn.Module):
         else:
             weight = valid.to(hidden.dtype).unsqueeze(-1)
             pooled = (hidden * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+        if self.classifier == "linear":
+            return self.out(pooled)
+        if self.classifier == "two_tower":
+            pooled = two_tower_features(pooled)
         return self.out(F.gelu(self.dense(pooled)))
 
 

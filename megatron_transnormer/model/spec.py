@@ -28,12 +28,7 @@ from .blocks import Block, BlockSpec
 from .embedding import Embedding, WordTable
 from .heads import HEADS, build_head
 from .init import apply_bert_init
-from .norms import build_norm
-
-
-def norm_kind(cfg) -> str:
-    """TransNormer uses SimpleRMSNorm everywhere; the baselines LayerNorm (fairseq's)."""
-    return "srms" if cfg.arch == "transnormer" else "layernorm"
+from .norms import build_norm, head_holds_final_norm, norm_kind
 
 
 def block_specs(cfg) -> list[BlockSpec]:
@@ -89,7 +84,7 @@ def model_parts(cfg, seed: int) -> list[Part]:
     part = lambda name, role, make, **kw: Part(name, role, partial(_built, make, cfg, seed, name), **kw)  # noqa: E731
     parts = [part("embedding", "embedding", partial(Embedding, cfg))]
     parts += [part(f"layers.{s.index}", "block", partial(Block, cfg, s)) for s in block_specs(cfg)]
-    if cfg.norm_position == "pre":
+    if cfg.norm_position == "pre" and not head_holds_final_norm(cfg):
         parts.append(part("final_norm", "final_norm", partial(build_norm, norm_kind(cfg), cfg.hidden_size,
                                                               cfg.kernels)))
     parts.append(part("head", "head", partial(build_head, cfg), tied=HEADS[cfg.head].tied))

@@ -7,7 +7,8 @@ Layout of one checkpoint directory:
     data stream position), loaded with `weights_only=True`;
   * `meta.json` (rank 0): the step, the parallel layout, ZeRO stage, precision and the model
     settings that shape its tensors, so that `pretrain.py` can refuse to resume under
-    another layout before any process group exists (`layout_differences`);
+    another layout before any process group exists (`layout_differences`); also the names
+    of the caller's client_state entries (DeepSpeed returns its own with them);
   * `checksums.json`: the size and sha256 of every other file, so that a damaged
     checkpoint is found before anything of it is read.
 
@@ -19,8 +20,12 @@ than it. The root must be on a file system all ranks share.
 
 Loading checks every file against checksums.json (each rank a share, the verdict
 agreed by all ranks) and reads every file with torch's weights-only unpickler
-(`deepspeed_loading`): a checkpoint is data, never code. `latest_checkpoint` skips a
-damaged checkpoint for the newest intact one.
+(`deepspeed_loading`; a layout-free checkpoint's safetensors files with their own
+reader): a checkpoint is data, never code. `latest_checkpoint` skips a damaged
+checkpoint for the newest intact one.
+
+`publish_directory` gives a directory written by one process (a layout-free export,
+universal.py) the same guarantee: checksums, then a rename.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 RUN_SUBDIR = "checkpoints"  # <train.run_dir>/checkpoints/step_NNNNNNNN
 META_FILE = "meta.json"
+LAYOUT_FREE = "layout-free"  # meta.json's "format" in a layout-free checkpoint (universal.py)
 CHECKSUM_FILE = "checksums.json"
 _SHARE_PREFIX = "checksums.rank_"  # one rank's share of the checksums, inside step_N.tmp only
 
@@ -101,7 +107,8 @@ def resume_target(resume: str, root: str | os.PathLike) -> str | None:
 
 # Model settings that shape the parameters (and so the optimizer state and its shards).
 _SHAPE_KEYS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "layers", "mlp",
-               "norm_position", "positions", "max_positions", "embedding_norm", "head", "num_classes")
+               "norm_position", "positions", "max_positions", "embedding_norm", "head", "num_classes", "norm",
+               "input", "classifier", "local_heads")
 # (meta.json key, the name shown) for every setting a resume must keep. DeepSpeed's ZeRO
 # optimizers refuse another data-parallel size, and the per-rank files (RNG, data position)
 # exist per global rank, so the data-parallel size counts as much as tensor and pipeline.
@@ -155,7 +162,7 @@ def layout_differences(saved: dict, current: dict) -> list[tuple[str, object, ob
 # --- checksums.json: {"files": {name: {"bytes": size, "sha256": hex digest}}} for every
 # file of the checkpoint but itself (names relative to the checkpoint, "/"-separated).
 
-# What a file's problem code means; `_verify` agrees on the codes across ranks.
+# What a file's problem code means; `verify` agrees on the codes across ranks.
 _MISSING, _SIZE, _SHA256, _UNLOADABLE = 1, 2, 3, 4
 _WHAT = {_MISSING: "is missing or unreadable", _SIZE: "does not have the size checksums.json records",
          _SHA256: "does not match its sha256 in checksums.json: corrupt or replaced",
@@ -225,13 +232,16 @@ def _read_checksums(path: Path) -> dict[str, tuple[int, str]] | None:
     return record
 
 
-def _file_problem(path: Path, name: str, size: int, digest: str) -> tuple[int, str] | None:
-    """(code, detail) of what is wrong with one recorded file, or None."""
+def _file_problem(path: Path, name: str, size: int, digest: str, contents: bool = True) -> tuple[int, str] | None:
+    """(code, detail) of what is wrong with one recorded file, or None; contents False: its
+    presence and size only."""
     file = path / name
     try:
         actual_size = file.stat().st_size
         if actual_size != size:
             return _SIZE, f"{actual_size} bytes, {size} recorded"
+        if not contents:
+            return None
         actual = _sha256(file)
     except FileNotFoundError:
         return _MISSING, ""
@@ -255,9 +265,10 @@ def _unrecorded(path: Path, record: dict) -> list[str]:
     return [n for n in _files(path) if n not in record]
 
 
-def _damage(path: Path) -> str | None:
+def _damage(path: Path, contents: bool = True) -> str | None:
     """What is wrong with a checkpoint's files, checked against checksums.json in this
-    process (no loading); None if nothing is, or if it predates checksums."""
+    process (no loading; contents False: no hashing either); None if nothing is, or if it
+    predates checksums."""
     try:
         record = _read_checksums(path)
     except CheckpointError as e:
@@ -266,11 +277,19 @@ def _damage(path: Path) -> str | None:
         return None
     problems = []
     for name, (size, digest) in sorted(record.items()):
-        if (found := _file_problem(path, name, size, digest)) is not None:
+        if (found := _file_problem(path, name, size, digest, contents)) is not None:
             code, detail = found
             problems.append((name, _WHAT[code] + (f" ({detail})" if detail else "")))
     problems += [(n, f"is not recorded in {CHECKSUM_FILE}") for n in _unrecorded(path, record)]
     return _describe(path, problems) if problems else None
+
+
+def incomplete(path: str | os.PathLike) -> str | None:
+    """What makes a checkpoint incomplete, from file sizes alone (no hashing, no loading):
+    a recorded file missing or of another size, an unrecorded one, or checksums.json
+    missing or malformed; None if nothing (or if it predates checksums). A quick check
+    before starting the processes that load it; `verify` checks the contents."""
+    return _damage(Path(path), contents=False)
 
 
 def _is_zip(file: Path) -> bool:
@@ -278,14 +297,41 @@ def _is_zip(file: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _verify(path: Path, layout) -> None:
-    """Collective: every recorded file present, of its size and sha256, and accepted by the
-    weights-only loader; each rank checks a share (so each file is read once), and all
-    ranks raise the same CheckpointError, before any of them reads the checkpoint."""
+def _safetensors_refusal(file: Path) -> str | None:
+    """Why a .safetensors file cannot be read (its header is parsed; nothing is unpickled)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # SafetensorError, OSError, ...
+        return f"not a safetensors file: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+    return None
+
+
+def _refused(file: Path) -> str | None:
+    """Why a checkpoint file would be refused when read, or None. JSON and YAML files are read
+    as text by json / yaml.safe_load, safetensors files by their header-checked reader, every
+    other file (DeepSpeed's, the per-rank files) by the weights-only unpickler."""
+    if file.suffix in (".json", ".yaml"):
+        return None
+    if file.suffix == ".safetensors":
+        return _safetensors_refusal(file)
+    return refusal(file, mmap=_is_zip(file))  # mapped: parse only
+
+
+def verify(path: Path, layout=None) -> None:
+    """Collective (when layout spans several ranks): every recorded file present, of its
+    size and sha256, and accepted by the reader its kind is read with (`_refused`); each
+    rank checks a share (so each file is read once), and all ranks raise the same
+    CheckpointError, before any of them reads the checkpoint. layout None: this process
+    alone checks every file."""
+    path = Path(path)
+    if layout is None:
+        from types import SimpleNamespace
+        layout = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
 
     def refused(name: str) -> str | None:
-        file = path / name
-        return None if name == META_FILE else refusal(file, mmap=_is_zip(file))  # mapped: parse only
+        return _refused(path / name)
 
     record = _read_checksums(path)  # the same verdict on every rank: no collective needed yet
     if record is None:
@@ -375,8 +421,9 @@ def save(engine, layout, root: str | os.PathLike, step: int, client_state: dict,
     torch.save(_to_safe({"layout": _layout_key(layout), "rng": rng.capture(), "rank_state": rank_state}),
                _rank_file(tmp, layout.rank))
     if layout.rank == 0:  # inside the .tmp directory: published by the same rename as the rest
-        (tmp / META_FILE).write_text(json.dumps({"step": step, **meta, "checksums": CHECKSUM_FILE},
-                                                indent=1) + "\n")
+        # client_keys: DeepSpeed hands its own entries back with the caller's on load.
+        (tmp / META_FILE).write_text(json.dumps({"step": step, **meta, "checksums": CHECKSUM_FILE,
+                                                 "client_keys": sorted(client_state)}, indent=1) + "\n")
     dist.barrier()  # every rank's files are written
     _hash_share(tmp, layout.rank, layout.world_size)
     dist.barrier()  # every share is hashed
@@ -388,16 +435,34 @@ def save(engine, layout, root: str | os.PathLike, step: int, client_state: dict,
     return str(final)
 
 
-def _publish(root: Path, tmp: Path, final: Path) -> None:
+def _rename_into_place(tmp: Path, final: Path) -> Path | None:
+    """Rename tmp to final; an existing final is moved aside first and its path returned
+    (the caller deletes it once nothing refers to it any more)."""
     old = None
     if final.exists():  # the same step saved again (a resumed run): replace it
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
     os.rename(tmp, final)
+    return old
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    old = _rename_into_place(tmp, final)
     pointer_tmp = root / "latest.tmp"
     pointer_tmp.write_text(final.name + "\n")
     os.replace(pointer_tmp, root / "latest")
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def publish_directory(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """One process's checkpoint-like directory, complete or absent: checksums.json over the
+    files in `tmp` (written by this process alone), then tmp renamed to `final` (replacing
+    an existing one). For directories outside a run's step_N series (layout-free exports)."""
+    tmp, final = Path(tmp), Path(final)
+    _write_checksums(tmp)
+    old = _rename_into_place(tmp, final)
     if old is not None:
         shutil.rmtree(old)
 
@@ -426,7 +491,7 @@ def load(engine, layout, path: str | os.PathLike) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a complete checkpoint: there is no such directory")
-    _verify(path, layout)
+    verify(path, layout)
 
     def read(rank: int) -> dict:
         file = _rank_file(path, rank)
@@ -456,5 +521,8 @@ def load(engine, layout, path: str | os.PathLike) -> tuple[dict, dict]:
                               f"{type(e).__name__}: {message}") from e
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint in {path}")
+    keys = (read_meta(path) or {}).get("client_keys")
+    if isinstance(keys, list):  # what save was given, without DeepSpeed's own entries
+        client_state = {k: v for k, v in client_state.items() if k in keys}
     rng.restore(per_rank["rng"])
     return client_state, per_rank["rank_state"]

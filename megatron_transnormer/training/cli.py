@@ -41,7 +41,8 @@ def report_error(prog: str, code: int, line: str, exc: BaseException | None = No
     return code
 # What a run leaves in its run directory (besides logs/ of the SLURM launchers), deleted by
 # train.overwrite=true; the first two are what makes a directory "hold a run".
-RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "loss.png", "config.yaml")
+RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "loss.png", "config.yaml",
+             "best", "test_result.json")  # the last two: classifiers' (loop.BEST_SUBDIR, loop.TEST_RESULT)
 
 
 class UsageError(Exception):
@@ -119,7 +120,10 @@ def apply_manifest(cfg: Config, info) -> None:
     if cfg.model.pad_id == -1 and info.packing == "mlm":
         cfg.model.pad_id = info.pad_id
     try:
-        info.check_model(vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len)
+        # A classifier pads its samples up to data.seq_len (objectives.Classification), which may
+        # exceed the dataset's length; check_dataset checks it against that.
+        padded = "classification" in info.manifest
+        info.check_model(vocab_size=cfg.model.vocab_size, seq_len=None if padded else cfg.data.seq_len)
         check_dataset(cfg, info)
     except ValueError as e:  # the message names the key and the dataset
         raise UsageError(str(e)) from None
@@ -245,8 +249,9 @@ def layout_mismatch(saved: dict, cfg: Config, world_size: int) -> str:
 
 def check_resume_layout(cfg: Config, world_size: int) -> None:
     """Refuse to resume a checkpoint saved with another parallel layout, ZeRO stage,
-    precision or model shape: here, before any process group exists, rather than in the
-    runtime's load (which checks again) after every rank has started."""
+    precision or model shape (a layout-free checkpoint: another model shape): here, before
+    any process group exists, rather than in the runtime's load (which checks again) after
+    every rank has started."""
     from . import checkpoint
     try:  # auto: the newest intact checkpoint; none intact is a one-line error, as here
         path = checkpoint.resume_target(cfg.train.resume, Path(cfg.train.run_dir) / checkpoint.RUN_SUBDIR)
@@ -261,6 +266,15 @@ def check_resume_layout(cfg: Config, world_size: int) -> None:
     if saved is None:  # written before checkpoints carried meta.json: the runtime's check remains
         return
     what = layout_mismatch(saved, cfg, world_size)
+    if saved.get("format") == checkpoint.LAYOUT_FREE:
+        # It records no layout, so `what` names model settings only: any layout may resume it.
+        if saved.get("model_only"):
+            raise UsageError(f"train.resume: {path} is a model-only export (no optimizer state); resuming needs "
+                             f"a full layout-free checkpoint (tools/convert_checkpoint.py without --model-only)")
+        if what:
+            raise UsageError(f"train.resume: layout-free checkpoint {path} holds another model ({what}); resume "
+                             f"it with the model settings it was saved with")
+        return
     if what:
         raise UsageError(f"train.resume: checkpoint {path} was saved with another layout ({what}); "
                          f"resume it with the settings it was saved with, or start a new run with "

@@ -24,12 +24,18 @@ evaluation batch, a checkpoint) cannot be agreed on: the rank exits at once with
 message naming what it was doing, and its peers fail their next collective, or time
 out after `train.collective_timeout_s`.
 
+Classifiers (model.head=classification, the LRA tasks) read the LRA reader's batches
+(data/lra/stream.py) instead of the token stream; each validation that beats the best
+accuracy so far is also saved under <run_dir>/best/, and at the end that checkpoint is
+scored on data.test_split: a `test_*` record in metrics.jsonl and test_result.json.
+
 Every failure ends as a `RunFailed`: an exit code (2 for bad data or settings, as the
 checks before start-up; 1 otherwise) and one line for pretrain.py to print.
 """
 from __future__ import annotations
 
 import errno
+import json
 import re
 import shutil
 import time
@@ -45,13 +51,17 @@ from megatron_transnormer.evaluation.evaluate import evaluate_split, split_recor
 from megatron_transnormer.evaluation.perplexity import token_perplexity
 
 from . import rng
-from .checkpoint import RUN_SUBDIR, CheckpointError, resume_target, step_dirname
+from .checkpoint import RUN_SUBDIR, CheckpointError, latest_checkpoint, resume_target, step_dirname
 from .cli import TRACEBACK_ENV, clear_previous_run, continues_run, resolved_config
 from .metrics import MetricsLogger, peak_tflops, throughput, truncate_metrics
 from .objectives import build_objective
 from .plotting import plot_losses
 from .runtime import build_runtime
 from .signals import StopRequest, signal_name
+
+
+BEST_SUBDIR = "best"  # classifiers: the checkpoint of the best validation accuracy, under run_dir
+TEST_RESULT = "test_result.json"  # classifiers: the test score of that checkpoint, under run_dir
 
 
 class RunFailed(Exception):
@@ -160,9 +170,9 @@ class Trainer:
         rng.seed_all(cfg.train.seed, layout.tp_rank, layout.pp_rank, layout.dp_rank, layout.cp_rank)
         self.objective = build_objective(cfg, info)
         self.rt = build_runtime(cfg, layout, self.objective)
-        self.train_stream = TokenStream(cfg.data, split=cfg.data.train_split, dp_rank=layout.dp_rank,
-                                        dp_size=layout.dp_size, micro_batch_size=cfg.train.micro_batch_size,
-                                        seed=cfg.train.seed, shuffle=True, infinite=True)
+        self.train_stream = self._stream(cfg.data.train_split, shuffle=True, infinite=True)
+        self.classifier = self.objective.name == "classification"
+        self.best = None  # classifiers: the best validation record so far, with its step
         self.step = 0
         self.last_saved = None  # (step, path)
         self.last_eval_step = None
@@ -170,6 +180,17 @@ class Trainer:
         self.stop: StopRequest | None = None  # run()'s
         self.log = MetricsLogger(self.run_dir, enabled=False, total_steps=cfg.train.steps, start_step=0,
                                  log_interval=1, tensorboard=False)
+
+    def _stream(self, split: str, *, shuffle: bool, infinite: bool):
+        """This rank's batches of `split`: the LRA reader's for a classification dataset (a
+        manifest with a `classification` section), else the token stream's."""
+        kw = dict(split=split, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp_size,
+                  micro_batch_size=self.cfg.train.micro_batch_size, seed=self.cfg.train.seed, shuffle=shuffle,
+                  infinite=infinite)
+        if "classification" in self.info.manifest:
+            from megatron_transnormer.data.lra.stream import LRAStream
+            return LRAStream(self.cfg.data, **kw)
+        return TokenStream(self.cfg.data, **kw)
 
     # ------------------------------------------------------------- failures
     def _local(self, phase: str, fn, *args, **kwargs):
@@ -225,6 +246,7 @@ class Trainer:
             self.train_stream.load_state_dict(rank_state["data"])
             self.last_saved = (self.step, path)
             self.last_eval_step = client_state.get("last_eval_step")
+            self.best = client_state.get("best")
         if self.is_rank0:
             # Records written after the checkpoint (by an attempt that died; all of them when
             # it died before its first checkpoint) are replaced by the ones this attempt writes.
@@ -234,12 +256,15 @@ class Trainer:
                 print(f"resumed from {path} at step {self.step}", flush=True)
 
     # ------------------------------------------------------------ checkpoints
-    def save(self, data_state: dict | None = None) -> Path:
-        """Collective. data_state: the data stream's state at this step (default: its state now)."""
+    def save(self, data_state: dict | None = None, root: Path | None = None) -> Path:
+        """Collective. data_state: the data stream's state at this step (default: its state now).
+        root: where (default the run's checkpoints/; the best-validation copy goes elsewhere)."""
         client_state = {"step": self.step, "config": resolved_config(self.cfg),
-                        "last_eval_step": self.last_eval_step}
+                        "last_eval_step": self.last_eval_step, "best": self.best}
         # The runtime adds the model, optimizer, scheduler and this rank's RNG states.
         rank_state = {"data": data_state if data_state is not None else self.train_stream.state_dict()}
+        if root is not None:
+            return Path(self.rt.save_checkpoint(root, self.step, client_state, rank_state))
         path = self.rt.save_checkpoint(self.ckpt_root, self.step, client_state, rank_state)
         self.last_saved = (self.step, Path(path))
         return Path(path)
@@ -271,11 +296,15 @@ class Trainer:
         """Evaluate the validation split (all of it, or train.eval_batches batches). Returns
         the record, None if the split holds less than one global batch, or {} when a stop
         signal or a failure (kept in self.failure on every rank) ended it early."""
+        record = self.evaluate(self.cfg.data.valid_split, "val", f"validating at step {self.step}")
+        if record != {}:
+            self.last_eval_step = self.step
+        return record
+
+    def evaluate(self, split: str, prefix: str, phase: str) -> dict | None:
+        """validate()'s pass over any split, its record's keys prefixed `<prefix>_`."""
         c = self.cfg
-        phase = f"validating at step {self.step}"
-        stream = self._local(phase, TokenStream, c.data, split=c.data.valid_split, dp_rank=self.layout.dp_rank,
-                             dp_size=self.layout.dp_size, micro_batch_size=c.train.micro_batch_size,
-                             seed=c.train.seed, shuffle=False, infinite=False)
+        stream = self._local(phase, self._stream, split, shuffle=False, infinite=False)
         batches = iter(stream) if stream is not None else iter(())
         interrupted = False
 
@@ -295,11 +324,10 @@ class Trainer:
                                 max_batches=c.train.eval_batches)
         if interrupted:
             return {}
-        self.last_eval_step = self.step
         if totals.tokens == 0:
             return None  # the split holds less than one global batch
-        record = split_record(totals, self.info, c.data.valid_split, self.objective.word_perplexity)
-        return {"step": self.step, **{f"val_{key}": value for key, value in record.items()}}
+        record = split_record(totals, self.info, split, self.objective.word_perplexity)
+        return {"step": self.step, **{f"{prefix}_{key}": value for key, value in record.items()}}
 
     def _log_validation(self) -> None:
         rec = self.validate()
@@ -308,6 +336,55 @@ class Trainer:
                              f"batch of {self.cfg.train.micro_batch_size} x {self.layout.dp_size} samples")
         elif rec:
             self._local(f"writing the validation of step {self.step} to the metrics", self.log.validation, rec)
+            if self.classifier and (self.best is None or rec["val_accuracy"] > self.best["val_accuracy"]):
+                self._save_best(rec)
+
+    # ------------------------------------------------- classifiers: best and test
+    def _save_best(self, rec: dict) -> None:
+        """Collective (every rank has the same record): keep this step as the best validation."""
+        self.best = dict(rec)
+        phase = f"saving the best-validation checkpoint of step {self.step} in {self.run_dir / BEST_SUBDIR}"
+        self.stop.phase = phase
+        with self.stop.holding():
+            self.save(root=self.run_dir / BEST_SUBDIR)
+        self.log.message(f"best validation accuracy so far: {rec['val_accuracy']:.2f}% at step {self.step}")
+
+    def _test_best(self) -> None:
+        """Score the best-validation checkpoint on data.test_split; record it in metrics.jsonl and
+        test_result.json. The engine is left holding that checkpoint (the run's own is saved)."""
+        c = self.cfg
+        root = self.run_dir / BEST_SUBDIR
+        self.stop.phase = f"loading the best-validation checkpoint from {root}"
+        path = _from_rank0(latest_checkpoint(root) if self.is_rank0 else None)
+        if path is None:
+            self.log.message(f"no best-validation checkpoint in {root}: test evaluation skipped")
+            return
+        client_state, _ = self.rt.load_checkpoint(path)
+        best = client_state.get("best") or self.best
+        rec = self.evaluate(c.data.test_split, "test", f"testing the checkpoint of step {client_state['step']}")
+        if not rec:
+            if rec is None:
+                self.log.message(f"test evaluation skipped: split {c.data.test_split!r} holds less than one "
+                                 f"batch of {c.train.micro_batch_size} x {self.layout.dp_size} samples")
+            return
+        rec.update(step=self.step, best_step=int(client_state["step"]), best_checkpoint=str(path),
+                   best_val_accuracy=best["val_accuracy"] if best else None)
+        self._local("writing the test evaluation to the metrics", self.log.validation, rec, "test")
+        if self.is_rank0:
+            self._local(f"writing {self.run_dir / TEST_RESULT}", self._write_test_result, rec, best)
+
+    def _write_test_result(self, rec: dict, best: dict | None) -> None:
+        """test_result.json: what tools/lra_table.py collects (the run's settings and scores)."""
+        dataset = self.info.manifest
+        result = {"step": rec["best_step"], "final_step": self.step, "checkpoint": rec["best_checkpoint"],
+                  "task": dataset.get("classification", {}).get("task"), "dataset": self.info.path,
+                  "test_split": self.cfg.data.test_split,
+                  **{k: v for k, v in rec.items() if k.startswith("test_")},
+                  **{k: v for k, v in (best or {}).items() if k.startswith("val_")},
+                  "config": resolved_config(self.cfg)}
+        tmp = self.run_dir / (TEST_RESULT + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(self.run_dir / TEST_RESULT)
 
     # ------------------------------------------------------------------- loop
     def run(self, stop: StopRequest | None = None) -> int:
@@ -422,6 +499,8 @@ class Trainer:
             self._save()
         if final_validation:
             self._log_validation()
+        if self.classifier and self.failure is None:
+            self._test_best()
         if self.failure is not None:
             raise self.failure  # the checkpoint is saved; the validation (or its record) failed
         stop.phase = "closing the metrics"

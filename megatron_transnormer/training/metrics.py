@@ -113,9 +113,15 @@ def format_step(rec: dict, total: int) -> str:
     return " | ".join(parts)
 
 
-def format_validation(rec: dict) -> str:
-    text = f"validation at step {rec['step']}: loss {rec['val_loss']:.4f} | ppl {rec['val_ppl']:.2f}"
-    return text + (f" | word ppl {rec['val_word_ppl']:.2f}" if "val_word_ppl" in rec else "")
+def format_validation(rec: dict, prefix: str = "val") -> str:
+    """One line for an evaluation record whose keys carry `prefix` (val_loss, test_accuracy, ...)."""
+    name = "validation" if prefix == "val" else f"{prefix} evaluation"
+    text = f"{name} at step {rec['step']}: loss {rec[f'{prefix}_loss']:.4f} | ppl {rec[f'{prefix}_ppl']:.2f}"
+    if f"{prefix}_word_ppl" in rec:
+        text += f" | word ppl {rec[f'{prefix}_word_ppl']:.2f}"
+    if f"{prefix}_accuracy" in rec:
+        text += f" | accuracy {rec[f'{prefix}_accuracy']:.2f}%"
+    return text
 
 
 class MetricsLogger:
@@ -168,12 +174,13 @@ class MetricsLogger:
         elif rec["step"] % self.log_interval == 0 or rec["step"] == self.total:
             print(format_step(rec, self.total), flush=True)
 
-    def validation(self, rec: dict) -> None:
+    def validation(self, rec: dict, prefix: str = "val") -> None:
+        """An evaluation record (keys `<prefix>_loss`, ...): validation, or the classifiers' test."""
         if not self.enabled:
             return
         self._write(rec)
-        self._scalars("val", rec, ("val_loss", "val_ppl", "val_word_ppl"))
-        self.message(format_validation(rec))
+        self._scalars(prefix, rec, tuple(f"{prefix}_{k}" for k in ("loss", "ppl", "word_ppl", "accuracy")))
+        self.message(format_validation(rec, prefix))
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -17,11 +17,18 @@ the labels fall into micro-batches and ranks (a masked LM's do not fall evenly).
   80% of them replaced by <mask>, 10% by a random token, 10% left as they are. The
   choice comes from a generator seeded by (seed, epoch, sample index): the same masks in
   every parallel layout, with any number of loader workers, and after a resume.
+- `Classification` (model.head=classification, the LRA tasks): batches of the LRA reader
+  (data/lra), one label per sample; the count is of samples, so the loss is the mean
+  cross-entropy over the global batch. Sequences are padded up to data.seq_len (a whole
+  number of DiagAttention blocks); Retrieval's two documents go through the model as one
+  batch of 2B rows (the two-tower head pairs them up). `correct` counts right answers
+  (validation accuracy).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from megatron_transnormer.model import model_inputs
@@ -111,6 +118,44 @@ class MaskedLM:
         return vocab_nll_sum(logits, labels[labels != IGNORE])
 
 
+class Classification:
+    name = "classification"
+    packing = "mlm"  # what data/lra/writer.py records: one padded sequence (or two) per sample
+    word_perplexity = False
+    predicted_fraction = 0.0  # the head runs on pooled states, not on positions
+
+    def __init__(self, model_cfg, seq_len: int, pad_id: int):
+        self.input_names = model_inputs(model_cfg)
+        self.two_tower = model_cfg.classifier == "two_tower"
+        self.seq_len, self.pad_id = seq_len, pad_id
+
+    def _padded(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids padded up to seq_len, valid [B, seq_len]): padding after `lengths` real ids."""
+        extra = self.seq_len - tokens.shape[1]
+        if extra > 0:
+            tokens = F.pad(tokens, (0, extra), value=max(self.pad_id, 0))
+        valid = torch.arange(tokens.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+        return tokens, valid
+
+    def prepare(self, batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        tokens, valid = self._padded(batch.tokens, batch.lengths)
+        if self.two_tower:
+            if batch.tokens2 is None:
+                raise ObjectiveError("model.classifier=two_tower needs two documents per sample (LRA Retrieval); "
+                                     "the batch holds one")
+            tokens2, valid2 = self._padded(batch.tokens2, batch.lengths2)
+            tokens, valid = torch.cat([tokens, tokens2]), torch.cat([valid, valid2])
+        labels = torch.where(batch.labels >= 0, batch.labels, torch.full_like(batch.labels, IGNORE))  # filler rows
+        return (tokens, _positions(tokens.shape[1]), valid), labels
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+
+    def correct(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Samples whose arg-max class is their label (filler rows never count)."""
+        return ((logits.argmax(dim=-1) == labels) & (labels != IGNORE)).sum()
+
+
 def build_objective(cfg, info=None):
     """The objective `cfg.model.head` trains, checked against the dataset `info` (a DatasetInfo)."""
     m = cfg.model
@@ -125,12 +170,20 @@ def build_objective(cfg, info=None):
         return MaskedLM(m, cfg.objective, cfg.train.seed, vocab_size=info.vocab_size, pad_id=special["pad_id"],
                         mask_id=special["mask_id"],
                         special_ids=(special.get("bos_id", -1), special.get("eod_id", -1), special.get("unk_id", -1)))
+    if m.head == "classification":
+        if info is None:
+            raise ObjectiveError("the classifier reads an LRA dataset: pass its DatasetInfo")
+        return Classification(m, cfg.data.seq_len or info.seq_len, info.pad_id)
     raise ObjectiveError(f"model.head={m.head!r}: no training objective for it yet")
 
 
 def check_dataset(cfg, info) -> None:
     """Refuse a dataset the objective cannot train on, naming the setting and the manifest."""
     head = cfg.model.head
+    section = info.manifest.get("classification")
+    if head == "classification" or section is not None:
+        check_classification_dataset(cfg, info)
+        return
     wanted = {"lm": "causal", "masked_lm": "mlm"}.get(head)
     if wanted and info.packing != wanted:
         flag = {"causal": "--packing causal", "mlm": "--packing mlm"}[wanted]
@@ -144,3 +197,39 @@ def check_dataset(cfg, info) -> None:
                 raise ObjectiveError(f"data.path: {info.path} has no {key.split('_')[0]} token (special.{key} = "
                                      f"{special.get(key)}); the masked LM needs one: prepare the data with "
                                      f"--packing mlm")
+
+
+def check_classification_dataset(cfg, info) -> None:
+    """An LRA dataset (a manifest with a `classification` section, tools/prepare_lra.py) for a
+    classifier whose classes, input kind, number of documents and length fit it."""
+    m, section = cfg.model, info.manifest.get("classification")
+    where = f"data.path: {info.path}"
+    if m.head != "classification":
+        raise ObjectiveError(f"{where} is an LRA classification dataset (task {section.get('task')!r}), but "
+                             f"model.head={m.head} trains on text; use an LRA config (configs/lra/) or "
+                             f"model.head=classification")
+    if section is None:
+        raise ObjectiveError(f"{where} has no 'classification' section, but model.head=classification trains on "
+                             f"labelled samples; prepare an LRA task with tools/prepare_lra.py")
+    task = section.get("task")
+    if section.get("num_classes") != m.num_classes:
+        raise ObjectiveError(f"model.num_classes: {m.num_classes}, but {info.path} (task {task!r}) has "
+                             f"{section.get('num_classes')} classes")
+    kind = section.get("input_kind", "tokens")
+    if kind != m.input:
+        raise ObjectiveError(f"model.input: {m.input!r}, but {info.path} (task {task!r}) holds {kind}; "
+                             f"set model.input={kind}")
+    two = section.get("inputs") == 2
+    if two != (m.classifier == "two_tower"):
+        raise ObjectiveError(f"model.classifier: {m.classifier!r}, but {info.path} (task {task!r}) has "
+                             f"{section.get('inputs')} document(s) per sample; "
+                             + ("set model.classifier=two_tower" if two else "two_tower needs two (Retrieval)"))
+    test = cfg.data.test_split
+    if test not in info.manifest["splits"]:
+        raise ObjectiveError(f"data.test_split={test!r}: {info.path} has no split {test!r} (it has "
+                             f"{', '.join(info.manifest['splits'])}); the end of training scores the best "
+                             f"validation checkpoint on it")
+    seq_len = cfg.data.seq_len or info.seq_len
+    if seq_len < info.seq_len:
+        raise ObjectiveError(f"data.seq_len: {seq_len} is shorter than the {info.seq_len} ids per sequence of "
+                             f"{info.path}; set data.seq_len=0 or a length >= {info.seq_len}")

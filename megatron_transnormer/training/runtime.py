@@ -2,9 +2,9 @@
 
     rt = build_runtime(cfg, layout, objective)
     rt.train_step(batch_iter) -> StepResult        one optimizer update (its order: `train_step`)
-    rt.eval_batch(batch) -> (loss_sum, n_labels)   summed over the data-parallel group
+    rt.eval_batch(batch) -> (loss_sum, n_labels)   summed over the data-parallel group (+ n_correct: classifiers)
     rt.save_checkpoint(root, step, client_state, rank_state) -> path
-    rt.load_checkpoint(path) -> (client_state, rank_state)
+    rt.load_checkpoint(path) -> (client_state, rank_state)   this layout's, or a layout-free one
 
 Pipeline size 1 uses DeepSpeed's plain engine (ZeRO 0-3) with megatron-core's groups
 through the mpu adapter; pipeline > 1 uses DeepSpeed's PipelineEngine (ZeRO 0-1) over a
@@ -27,7 +27,7 @@ from megatron_transnormer.config import Config, ConfigError, config_to_dict, val
 from megatron_transnormer.model import build_model
 from megatron_transnormer.parallel import Layout, MegatronMPU, context
 
-from . import checkpoint
+from . import checkpoint, universal
 from .checkpoint import latest_checkpoint
 from .deepspeed_config import deepspeed_config
 from .grad_norm import NormAndClip, counted_here
@@ -208,8 +208,9 @@ class Runtime:
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def eval_batch(self, batch) -> tuple[float, int]:
-        """The objective's loss sum and the number of labelled tokens, summed over the DP group."""
+    def eval_batch(self, batch) -> tuple:
+        """The objective's loss sum and the number of labelled tokens, summed over the DP group;
+        a classifier's (its objective has `correct`) adds the samples answered right."""
         inputs, labels = self._prepare(batch)
         if self.pipelined:
             loss_sum = self._eval_pipelined(inputs, labels)
@@ -217,11 +218,13 @@ class Runtime:
             return loss_sum, int(count)
         self.engine.eval()
         try:
-            local = self.objective.loss_sum(self.engine(*inputs), labels)
+            output = self.engine(*inputs)
+            local = self.objective.loss_sum(output, labels)
+            scored = [self.objective.correct(output, labels)] if hasattr(self.objective, "correct") else []
         finally:
             self.engine.train()
-        loss_sum, count = _dp_sum([local, label_count(labels)], self.layout.device)
-        return loss_sum, int(count)
+        loss_sum, count, *correct = _dp_sum([local, label_count(labels), *scored], self.layout.device)
+        return (loss_sum, int(count), *(int(c) for c in correct))
 
     def _eval_pipelined(self, inputs, labels) -> float:
         engine, loss_fn = self.engine, self.engine.module.loss_fn
@@ -246,6 +249,9 @@ class Runtime:
                                meta=checkpoint.layout_record(self.cfg, self.layout.world_size))
 
     def load_checkpoint(self, path) -> tuple[dict, dict]:
+        """A checkpoint of this layout, or a layout-free one (universal.py) of any layout."""
+        if universal.is_layout_free(path):
+            return universal.load(self, path)
         return checkpoint.load(self.engine, self.layout, path)
 
 

@@ -17,7 +17,8 @@ carries its config and loads into any layout: one process by default, or the par
 overrides given under a launcher; its results go beside it (not inside: its files are
 all checksummed). The split is scored as the run's validation scores it (the same
 batches, the masked LM's masks drawn from (seed, epoch 0, sample index)): per-token and
-per-word perplexity for causal LMs, masked-token perplexity for the masked LM. Rank 0
+per-word perplexity for causal LMs, masked-token perplexity for the masked LM, accuracy
+(and cross entropy per sample) for classifiers, read through the LRA reader. Rank 0
 shows a progress bar on a terminal (plain lines otherwise), prints one summary line and
 writes the result as JSON, by default to RUN_DIR/eval_<split>_step<N>.json.
 
@@ -138,10 +139,6 @@ def prepare(args: argparse.Namespace) -> Prepared:
         if split not in info.manifest["splits"]:
             raise UsageError(f"--split {split}: dataset {info.path} has no split {split!r} (it has "
                              f"{', '.join(info.splits)})")
-        if cfg.model.head == "classification":
-            raise UsageError(f"--checkpoint {args.checkpoint}: a classifier (model.head=classification); its run "
-                             f"scores the best validation checkpoint on the test split itself (test_result.json "
-                             f"in the run directory; tools/lra_table.py gathers them)")
         cli.check_kernels(cfg)
         cli.apply_manifest(cfg, info)
         check_sequence_length(cfg, cfg.data.seq_len)
@@ -211,7 +208,7 @@ def evaluate(prep: Prepared) -> dict | None:
     """Collective: start the process groups, build the runtime for the checkpoint's layout,
     load it and evaluate the split. Returns the result on rank 0 (None on the others);
     raises RunFailed (loop.py) with one line."""
-    from megatron_transnormer.data import TokenStream
+    from megatron_transnormer.data import split_stream
     from megatron_transnormer.evaluation.evaluate import evaluate_split, split_record
     from megatron_transnormer.parallel import destroy_distributed, init_distributed
     from megatron_transnormer.training.checkpoint import layout_record
@@ -237,9 +234,9 @@ def evaluate(prep: Prepared) -> dict | None:
         else:
             client_state, _ = rt.load_checkpoint(prep.checkpoint)
         phase = f"evaluating split {split!r} of {prep.info.path}"
-        stream = TokenStream(cfg.data, split=split, dp_rank=layout.dp_rank, dp_size=layout.dp_size,
-                             micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, shuffle=False,
-                             infinite=False)
+        stream = split_stream(cfg.data, prep.info, split=split, dp_rank=layout.dp_rank, dp_size=layout.dp_size,
+                              micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed, shuffle=False,
+                              infinite=False)
         in_split = stream.num_batches()
         total = min(in_split, prep.max_batches) if prep.max_batches else in_split
         batches, failure = iter(stream), None
@@ -297,7 +294,10 @@ def summary(result: dict, output: Path) -> str:
     parts = [f"{result['split']} at step {result['step']}: {loss} {result['loss']:.4f}", f"ppl {result['ppl']:.2f}"]
     if "word_ppl" in result:
         parts.append(f"word ppl {result['word_ppl']:.2f}")
-    parts.append(f"{result['tokens']:,} tokens scored, {result['batches']} batches "
+    if "accuracy" in result:
+        parts.append(f"accuracy {result['accuracy']:.2f}%")
+    scored = "samples" if result["objective"] == "classification" else "tokens"
+    parts.append(f"{result['tokens']:,} {scored} scored, {result['batches']} batches "
                  f"({100 * result['coverage']:.1f}% of the split) in {result['wall_s']:.1f} s -> {output}")
     return " | ".join(parts)
 

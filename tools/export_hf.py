@@ -74,13 +74,8 @@ def main(argv=None) -> int:
     # DeepSpeed's logger writes to the stdout it finds at import; stdout carries the summary.
     with contextlib.redirect_stdout(sys.stderr):
         import deepspeed  # noqa: F401
-        from megatron_transnormer.training.cli import UsageError, report_error
-    try:
-        return run(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:  # the export's own errors are ValueErrors
-        return report_error("export_hf.py", 2, str(e), e)
-    except Exception as e:  # one line, whatever it is
-        return report_error("export_hf.py", 1, f"{type(e).__name__}: {e}", e)
+        from megatron_transnormer.training.cli import run_tool
+    return run_tool("export_hf.py", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -184,13 +184,8 @@ def main(argv=None) -> int:
     # DeepSpeed's logger writes to the stdout it finds at import; stdout carries the text.
     with contextlib.redirect_stdout(sys.stderr):
         import deepspeed  # noqa: F401
-        from megatron_transnormer.training.cli import UsageError, report_error
-    try:
-        return run(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        return report_error("generate.py", 2, str(e), e)
-    except Exception as e:  # one line, whatever it is
-        return report_error("generate.py", 1, f"{type(e).__name__}: {e}", e)
+        from megatron_transnormer.training.cli import run_tool
+    return run_tool("generate.py", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,18 @@ def report_error(prog: str, code: int, line: str, exc: BaseException | None = No
     if line:
         print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
     return code
+
+
+def run_tool(prog: str, run, usage_errors: tuple = ()) -> int:
+    """A tool's body `run()` -> its exit code; a UsageError, ValueError or FileNotFoundError
+    (or one of `usage_errors`) exits 2 with its message, anything else 1, one line each."""
+    try:
+        return run()
+    except (UsageError, ValueError, FileNotFoundError, *usage_errors) as e:
+        return report_error(prog, 2, str(e), e)
+    except Exception as e:  # one line, whatever it is
+        return report_error(prog, 1, f"{type(e).__name__}: {e}", e)
+
 # What a run leaves in its run directory (besides logs/ of the SLURM launchers), deleted by
 # train.overwrite=true; the first two are what makes a directory "hold a run".
 RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "loss.png", "config.yaml",

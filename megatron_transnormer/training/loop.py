@@ -46,7 +46,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_transnormer.config import Config, ConfigError
-from megatron_transnormer.data import DataError, TokenStream
+from megatron_transnormer.data import DataError, split_stream
 from megatron_transnormer.evaluation.evaluate import evaluate_split, split_record
 from megatron_transnormer.evaluation.perplexity import token_perplexity
 
@@ -184,13 +184,9 @@ class Trainer:
     def _stream(self, split: str, *, shuffle: bool, infinite: bool):
         """This rank's batches of `split`: the LRA reader's for a classification dataset (a
         manifest with a `classification` section), else the token stream's."""
-        kw = dict(split=split, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp_size,
-                  micro_batch_size=self.cfg.train.micro_batch_size, seed=self.cfg.train.seed, shuffle=shuffle,
-                  infinite=infinite)
-        if "classification" in self.info.manifest:
-            from megatron_transnormer.data.lra.stream import LRAStream
-            return LRAStream(self.cfg.data, **kw)
-        return TokenStream(self.cfg.data, **kw)
+        return split_stream(self.cfg.data, self.info, split=split, dp_rank=self.layout.dp_rank,
+                            dp_size=self.layout.dp_size, micro_batch_size=self.cfg.train.micro_batch_size,
+                            seed=self.cfg.train.seed, shuffle=shuffle, infinite=infinite)
 
     # ------------------------------------------------------------- failures
     def _local(self, phase: str, fn, *args, **kwargs):

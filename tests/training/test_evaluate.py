@@ -94,7 +94,7 @@ def test_bad_arguments_exit_2_with_one_line(alm_run, tmp_path):
                          (["--checkpoint", checkpoint, "--split", "test"], "no split 'test'"),
                          (["--checkpoint", checkpoint, "train.stepz=3"], "train.stepz"),
                          (["--checkpoint", checkpoint, "model.head=classification", "model.num_classes=2"],
-                          "test_result.json"),
+                          "has no 'classification' section"),
                          (["--table", str(tmp_path)], "no evaluations")):
         p = evaluate(*args, timeout=90)
         assert p.returncode == 2, p.stdout + p.stderr

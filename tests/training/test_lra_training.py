@@ -77,12 +77,13 @@ def _train(rank, world_size, zero: int) -> dict:
         destroy_distributed()
 
 
-def test_two_rank_zero1_matches_one_process():
+@pytest.mark.parametrize("zero", [1, 2])
+def test_two_ranks_match_one_process(zero):
     """The same global batch of 8 padded samples per update: 1 rank x 8 rows, or 2 ranks x 4
-    (ZeRO 1). Batch norm takes its statistics over the real tokens of all 8 either way, so the
-    losses, the evaluation (loss, samples, right answers) and the running statistics agree."""
-    one = run_ranks(_train, 1, 1)[0]
-    two = run_ranks(_train, 2, 1, timeout=300)
+    (ZeRO 1, 2). Batch norm takes its statistics over the real tokens of all 8 either way, so
+    the losses, the evaluation (loss, samples, right answers) and the running statistics agree."""
+    one = run_ranks(_train, 1, zero)[0]
+    two = run_ranks(_train, 2, zero, timeout=300)
     for rec in two:
         torch.testing.assert_close(torch.tensor(rec["loss"]), torch.tensor(one["loss"]), rtol=1e-5, atol=1e-6)
         assert rec["labels"] == one["labels"] == [8] * STEPS
@@ -161,6 +162,21 @@ def test_tiny_listops_learns_and_scores_the_best_checkpoint_on_test(listops, fin
     assert table.returncode == 0, table.stderr
     assert f"| TransNormer T2 (these runs) | {result['test_accuracy']:.2f} | — |" in table.stdout
     assert "| TransNormer T2 (paper) | 41.60 | 72.20 | 83.82 | 49.60 | 76.80 | — | 64.80 |" in table.stdout
+
+
+def test_evaluate_tool_scores_the_best_checkpoint_as_the_run_did(finished, tmp_path):
+    """tools/evaluate.py on the best-validation checkpoint gives the run's own test result."""
+    run_dir, _ = finished
+    result = json.loads((run_dir / "test_result.json").read_text())
+    out = tmp_path / "test.json"
+    p = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint",
+                        str(run_dir / "best" / f"step_{result['step']:08d}"), "--split", "test", "--output", str(out)],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = json.loads(out.read_text())
+    assert got["objective"] == "classification" and got["tokens"] == result["test_tokens"] == 100
+    assert got["accuracy"] == result["test_accuracy"] and got["loss"] == pytest.approx(result["test_loss"], rel=1e-6)
+    assert f"accuracy {got['accuracy']:.2f}%" in p.stdout and "100 samples scored" in p.stdout
 
 
 def test_resume_from_a_checkpoint_is_exact(listops, finished, tmp_path):

@@ -282,10 +282,12 @@ def test_checkpoint_records_its_layout(saved_run):
     assert meta == {"step": 2, "world_size": 1, "tensor": 1, "pipeline": 1, "data_parallel": 1,
                     "zero_stage": 0, "precision": "fp32",
                     "model": {"arch": "transnormer", "vocab_size": 512, "hidden_size": 32, "num_layers": 2,
-                              "num_heads": 2, "ffn_hidden_size": 85, "layers": ["diag", "norm"], "mlp": "glu",
+                              "num_heads": 2, "ffn_hidden_size": 344, "layers": ["diag", "norm"], "mlp": "glu",
                               "norm_position": "pre", "positions": "sinusoidal", "max_positions": 0,
-                              "embedding_norm": False, "head": "lm", "num_classes": 0},
-                    "context": 1, "checksums": "checksums.json"}
+                              "embedding_norm": False, "head": "lm", "num_classes": 0, "norm": "",
+                              "input": "tokens", "classifier": "mlp", "local_heads": 0},
+                    "context": 1, "checksums": "checksums.json", "client_keys": ["best", "config", "last_eval_step",
+                                                                                  "step"]}
 
 
 @pytest.mark.parametrize("args, env, needle", [

@@ -409,7 +409,8 @@ class Trainer:
     def _plot(self) -> None:
         self._plotted = True
         if self.is_rank0 and self.cfg.train.plot:
-            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", title=self.cfg.name)
+            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png",
+                        title=f"{self.cfg.name}: {self.run_dir.resolve().name}")  # config and run
 
     def _next_batches(self, batches) -> list:
         micro = []
@@ -479,7 +480,7 @@ class Trainer:
                    "lr": result.lr, "grad_norm": result.grad_norm,
                    **throughput(result.tokens, seconds, fpt, self.layout.world_size, peak),
                    "tokens": result.tokens, "labels": result.labels, "skipped": bool(result.skipped),
-                   "time": time.time()}  # wall clock: throughput over whole iterations
+                   "step_s": seconds, "time": time.time()}  # wall clock: throughput over whole iterations
             if self.layout.device.type == "cuda":
                 # This rank's peak allocation since the process started (rank 0 logs).
                 rec["max_memory_gib"] = torch.cuda.max_memory_allocated(self.layout.device) / 2**30

@@ -7,6 +7,8 @@ labelled token: every next token of a causal LM, the masked tokens of a masked L
 validation (`step, val_loss, val_ppl`, and `val_word_ppl` for causal LMs). Each line is flushed when written, so a
 killed run leaves every finished step on disk; on resume `truncate_metrics` drops what
 came after the checkpoint. A failed write (a full disk) raises an OSError naming the file.
+Plain console lines (no terminal) come every train.log_interval steps: wall-clock time,
+the interval's mean loss, its throughput and step time, and the time left at that pace.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -98,10 +101,40 @@ def _fmt(value, spec: str) -> str:
     return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def interval_record(recs: list[dict]) -> dict:
+    """The steps since the last printed line as one record: the last step's, with the
+    interval's mean loss (ppl from it), mean grad norm, tokens/s over the interval and mean
+    step time. Per-step values stay in metrics.jsonl."""
+    last = dict(recs[-1])
+    finite = [r["loss"] for r in recs if r["loss"] is not None and not math.isnan(r["loss"])]
+    last["loss"] = sum(finite) / len(finite) if finite else float("nan")
+    last["ppl"] = math.exp(min(last["loss"], 700.0)) if finite else float("nan")
+    norms = [r["grad_norm"] for r in recs if r["grad_norm"] is not None and not math.isnan(r["grad_norm"])]
+    last["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
+    seconds = sum(r.get("step_s", 0.0) for r in recs)
+    if seconds > 0:
+        last["tokens_per_s"] = sum(r.get("tokens", 0) for r in recs) / seconds
+        last["step_s"] = seconds / len(recs)
+    last["steps"] = len(recs)
+    return last
+
+
 def format_step(rec: dict, total: int) -> str:
-    parts = [f"step {rec['step']}/{total}", f"loss {_fmt(rec['loss'], '.4f')}", f"ppl {_fmt(rec.get('ppl'), '.2f')}",
-             f"lr {rec['lr']:.3e}",
+    """A plain log line: wall-clock time, the step, the loss (an interval's mean when `rec`
+    comes from interval_record), ..., the step time and the time left at that pace."""
+    loss = f"loss {_fmt(rec['loss'], '.4f')}" + (f" (mean of {rec['steps']})" if rec.get("steps", 1) > 1 else "")
+    parts = [time.strftime("%Y-%m-%d %H:%M:%S"), f"step {rec['step']}/{total}", loss,
+             f"ppl {_fmt(rec.get('ppl'), '.2f')}", f"lr {rec['lr']:.3e}",
              f"grad_norm {_fmt(rec['grad_norm'], '.3f')}", f"{rec['tokens_per_s']:,.0f} tok/s"]
+    if "step_s" in rec:
+        parts.append(f"{rec['step_s']:.3f} s/step")
+        parts.append(f"ETA {_duration(rec['step_s'] * max(total - rec['step'], 0))}")
     if "tflops_per_device" in rec:
         parts.append(f"{rec['tflops_per_device']:.1f} TFLOP/s/dev")
     if "mfu" in rec:
@@ -130,6 +163,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.total = total_steps
         self.log_interval = max(1, log_interval)
+        self._interval: list[dict] = []  # the steps since the last printed line
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = self._writer = self._bar = None
         if not enabled:
@@ -171,8 +205,11 @@ class MetricsLogger:
             if "mfu" in rec:
                 post["mfu"] = f"{100 * rec['mfu']:.1f}%"
             self._bar.set_postfix(post, refresh=False)
-        elif rec["step"] % self.log_interval == 0 or rec["step"] == self.total:
-            print(format_step(rec, self.total), flush=True)
+        else:
+            self._interval.append(rec)
+            if rec["step"] % self.log_interval == 0 or rec["step"] == self.total:
+                print(format_step(interval_record(self._interval), self.total), flush=True)
+                self._interval = []
 
     def validation(self, rec: dict, prefix: str = "val") -> None:
         """An evaluation record (keys `<prefix>_loss`, ...): validation, or the classifiers' test."""

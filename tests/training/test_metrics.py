@@ -55,3 +55,20 @@ def test_plot_has_train_and_validation_curves(tmp_path):
     out = plot_losses(path, tmp_path / "loss.png", title="t")
     assert out.stat().st_size > 5_000 and out.read_bytes()[:4] == b"\x89PNG"
     assert plot_losses(tmp_path / "missing.jsonl", tmp_path / "x.png") is None
+
+
+def test_plain_lines_carry_time_interval_means_step_time_and_eta(tmp_path, capsys):
+    import re
+
+    log = MetricsLogger(tmp_path, enabled=True, total_steps=10, start_step=0, log_interval=4, tensorboard=False)
+    for step in range(1, 11):
+        log.train_step({"step": step, "loss": float(step), "ppl": 0.0, "lr": 1e-3, "grad_norm": 0.5,
+                        "tokens_per_s": 100.0, "tokens": 50, "step_s": 0.5})
+    log.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3  # steps 4, 8 and the last
+    first = lines[0]
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| step 4/10 \| loss 2\.5000 \(mean of 4\) \| ", first), first
+    assert "ETA 0m03s" in first and "0.500 s/step" in first and "100 tok/s" in first  # 6 steps x 0.5 s left
+    assert "loss 9.5000 (mean of 2)" in lines[2] and "ETA 0m00s" in lines[2]
+    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [float(s) for s in range(1, 11)]

@@ -24,6 +24,7 @@ import pytest
 
 from tests.multiproc import run_ranks
 from tests.training.runtime_helpers import quiet_deepspeed, step_batches, tiny_config
+from tests.training.test_pretrain import _env
 
 REPO = Path(__file__).resolve().parents[2]
 SAVED_AT, STEPS, RTOL = 3, 6, 1e-5
@@ -108,7 +109,7 @@ def runs(tmp_path_factory):
     # The ZeRO 3 x CP checkpoint through the command line: it starts its own 4 ranks.
     done = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"),
                            str(root / "cp2_dp2_zero3" / "step_00000003"), str(root / "free_cp2")],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     sources = ["free_tp2", "free_cp2"]
     resumed = {}

@@ -9,12 +9,12 @@
 #   5. report   bench/gpu_report.py: the figures beside their targets, as markdown
 # A stage that fails or runs out of time is recorded and the next one still runs.
 #
-# Through the device tool, after `make gpu-wheels` here:
-#   run(command="bash bench/gpu_suite.sh", carry=["bench/wheels"], timeout_s=540)
-# Its $OUT comes back with (the tool returns at most 8 files, hence these 8):
+# On the GPU machine, with the working tree and bench/wheels (made here by `make gpu-wheels`)
+# copied there: bash bench/gpu_suite.sh. $OUT then holds these 8 files (the remote runner
+# returns at most 8):
 #   gpu_suite.log  stages.jsonl  kernels_{norm,decay,diag,rms}.json  train_throughput.json  gpu_report.md
 # and here, into bench/RESULTS.md:
-#   .venv/bin/python bench/gpu_report.py report <files_at> --results bench/RESULTS.md
+#   .venv/bin/python bench/gpu_report.py report <the folder $OUT was copied to> --results bench/RESULTS.md
 #
 # On a CPU (`make gpu-suite-dry-run`): bash bench/gpu_suite.sh --dry-run
 #   checks the wheels for Python 3.12 instead of installing them (this machine's Python

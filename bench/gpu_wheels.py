@@ -17,7 +17,7 @@ that wheel is pure Python.
 `check` asks pip whether every wheel installs on cp312/manylinux x86-64 (a dry run, no
 index) and whether every requirement of every wheel, and of requirements.txt, is met by
 another carried wheel or by the image; it also adds up what travels (the working tree
-plus the wheels), which the device tool caps at 64 MiB. `install` skips a carried
+plus the wheels), which the remote GPU runner caps at 64 MiB. `install` skips a carried
 package that the image already holds in a version every requirement accepts, installs
 the rest with `pip --target`, and checks the requirements again against what is then
 importable. Each command prints one JSON object; the exit code is 1 when a check fails.
@@ -43,7 +43,7 @@ from packaging.version import InvalidVersion, Version
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / "bench" / "wheels"
 IMAGE_PACKAGES = REPO / "bench" / "gpu_image_packages.txt"
-# The device tool's cap on the working tree plus carried paths.
+# The remote GPU runner's cap on the working tree plus carried paths.
 CARRY_LIMIT = 64 * 2**20
 
 # Carried, in the versions the CPU test suite runs (read from this environment at build
@@ -151,7 +151,7 @@ def all_requirements(wheels: Path) -> tuple[dict[str, Version], list[tuple[str, 
 
 
 def tree_bytes() -> int:
-    """Bytes of what the device tool sends besides the carried paths: tracked files and
+    """Bytes of what the remote GPU runner sends besides the carried paths: tracked files and
     untracked ones that git does not ignore."""
     try:
         names = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO, check=True,

@@ -9,7 +9,9 @@ What a layer holds comes from its `BlockSpec` (made by spec.block_specs): the mi
 statistics over the real tokens only, so the block hands the norms the padding mask).
 
 Dropout draws from torch's default generator. The hidden states are replicated over the
-TP group, so every rank of a TP group must be seeded alike to drop the same units.
+TP group, so every rank of a TP group must be seeded alike to drop the same units; under
+sequence parallelism each TP rank holds other tokens and draws its own mask
+(`parallel.sequence.dropout`).
 """
 from __future__ import annotations
 
@@ -17,10 +19,10 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..parallel import sequence
 from .attention import MIXERS
 from .mlp import build_mlp
 from .norms import MaskedBatchNorm, build_norm
@@ -63,7 +65,7 @@ class Block(nn.Module):
     def _layer(self, x: torch.Tensor, mix, valid: torch.Tensor | None = None):
         """The layer around a token mixer `mix(h) -> (output, extra)`; returns (x, extra): the
         extra is the mixer's recurrent state when decoding starts (prefill), else None."""
-        drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
+        drop = lambda t: sequence.dropout(t, self.dropout, self.training)  # noqa: E731
         norm1 = lambda t: self._norm(self.norm1, t, valid)  # noqa: E731
         norm2 = lambda t: self._norm(self.norm2, t, valid)  # noqa: E731
         if self.post_norm:

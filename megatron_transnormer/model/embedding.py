@@ -107,4 +107,4 @@ class Embedding(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         # Under sequence parallelism the blocks take this rank's slice of the tokens.
-        return F.dropout(sequence.scatter(x), self.dropout, self.training)
+        return sequence.dropout(sequence.scatter(x), self.dropout, self.training)

@@ -150,6 +150,20 @@ def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return out if bias is None else out + shared_param(bias)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout of the hidden states between the TP regions. Under sequence parallelism each
+    TP rank holds other tokens, so each draws its own mask, from a generator seeded by one
+    number drawn from the default generator (the same draw on every TP rank, so their
+    default streams stay in step, and activation checkpointing's RNG replay redraws it)
+    plus the TP rank, as megatron forks a per-rank generator there. Otherwise F.dropout."""
+    if not (enabled() and training and p > 0):
+        return F.dropout(x, p, training)
+    seed = int(torch.randint(0, 2**62, (1,), device=x.device).item())
+    generator = torch.Generator(device=x.device).manual_seed(seed + tp_rank())
+    keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
+    return x * keep / (1.0 - p)
+
+
 def shared_param(param: torch.Tensor) -> torch.Tensor:
     """A TP-replicated parameter used inside the sequence-parallel region: identity forward,
     gradient summed over the TP group (each rank saw only its tokens)."""

@@ -532,13 +532,17 @@ def _write_splits(o: PrepareOptions, corpus: Corpus, tok, entry: dict, directory
 
 
 def _remove_previous(directory: str):
+    """Delete the shards (and their label files, for classification datasets) that a
+    manifest already in `directory` names, so that a new dataset leaves none stale."""
     path = manifest_path(directory)
     if not os.path.exists(path):
         return
     try:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
-        names = [s["name"] for split in old.get("splits", {}).values() for s in split.get("shards", [])]
+        shards = [s for split in old.get("splits", {}).values() for s in split.get("shards", [])]
+        names = [s["name"] for s in shards] + [s["labels"]["name"] for s in shards
+                                               if isinstance(s.get("labels"), dict)]
     except (ValueError, KeyError, TypeError, AttributeError):
         raise DataError(f"{path}: unreadable manifest in the output folder; remove it first") from None
     for name in names:

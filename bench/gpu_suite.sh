@@ -52,13 +52,16 @@ rm -f "$LOG" "$STAGES" "$OUTDIR"/kernels_{norm,decay,diag,rms}.json "$OUTDIR/tra
   "$OUTDIR/gpu_report.md"
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
+# The checkout's kernels/ under the name the code imports it by, transnormer_kernels (an
+# install maps it so, see pyproject.toml; here nothing is installed from the checkout).
+mkdir "$SCRATCH/checkout" && ln -s "$REPO/kernels" "$SCRATCH/checkout/transnormer_kernels"
 
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif (( DRY )) && [[ -x .venv/bin/python ]]; then PY=$REPO/.venv/bin/python
 else PY=python3
 fi
 export PYTHONUNBUFFERED=1
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$REPO:$SCRATCH/checkout${PYTHONPATH:+:$PYTHONPATH}
 
 say() { echo "$*" | tee -a "$LOG"; }
 
@@ -98,8 +101,9 @@ run_stage() {
 export PY SCRATCH
 INSTALL='"$PY" bench/gpu_wheels.py install --target "$SCRATCH/site" || exit 1
 PYTHONPATH=$PYTHONPATH:$SCRATCH/site "$PY" -c "
-import deepspeed, megatron.core, webdataset, megatron_transnormer.training.runtime, kernels
+import deepspeed, megatron.core, webdataset, megatron_transnormer.training.runtime, transnormer_kernels
 print(\"imported deepspeed\", deepspeed.__version__, \"from\", deepspeed.__file__)
+print(\"imported transnormer_kernels from\", transnormer_kernels.__file__)
 try:
     import fla.ops.simple_gla
     print(\"imported fla from\", fla.__file__)

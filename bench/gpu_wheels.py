@@ -178,6 +178,9 @@ def build(wheels: Path) -> dict:
         # would fetch a multi-GB torch just to find that no op is to be compiled.
         for sdist in Path(tmp).glob("*.tar.gz"):
             _pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(sdist))
+    # setuptools packs all of build/lib, files an earlier build left there included (a package
+    # since renamed, say): the project's wheel starts from an empty build folder.
+    shutil.rmtree(REPO / "build", ignore_errors=True)
     _pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO))
     return check(wheels)
 

@@ -36,7 +36,6 @@ NORM_METHODS = "triton,torch,sdpa_flash,fla_chunk_simple_gla"
 DIAG_METHODS = "triton_diag,torch_diag,sdpa_flash_blocks"
 RMS_METHODS = "triton_rms,torch_rms,torch_rms_norm"
 OUT_DIR = ROOT / "bench" / "out"
-sys.path.insert(0, str(ROOT))  # ahead of bench/, where this very file would shadow the package
 
 
 def parse_args(argv=None):
@@ -68,7 +67,8 @@ def _compile_variants(arch: int, all_configs: bool, dtype: str):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import triton_diag_attention as diag, triton_norm_attention as na, triton_rms_norm as rms
+    from transnormer_kernels import triton_diag_attention as diag, triton_norm_attention as na
+    from transnormer_kernels import triton_rms_norm as rms
 
     target = GPUTarget("cuda", arch, 32)
 
@@ -178,7 +178,7 @@ def _methods(names):
     import torch
     import torch.nn.functional as F
 
-    import kernels
+    import transnormer_kernels as kernels
 
     def same(q, k, v, lam):
         return q, k, v, lam

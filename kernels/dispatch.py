@@ -6,7 +6,7 @@ tensors when Triton is importable, else the reference. backend="triton" requires
 and, for CPU tensors, Triton's interpreter (TRITON_INTERPRET=1, set before the first
 Triton call): that is how the CPU tests run the kernels through this API.
 
-The Triton modules are imported on first use, so importing `kernels` never imports
+The Triton modules are imported on first use, so importing `transnormer_kernels` never imports
 Triton, and the interpreter flag matters only to whoever sets it before that first use.
 Cases the kernels do not cover go to the reference under "auto" and raise under "triton":
 bidirectional NormAttention (the reference is two matmuls, already on tensor cores), a

@@ -1,5 +1,6 @@
 """The README's "who may import whom", checked on the source: every import statement,
-at module level or inside a function, of the package and of `kernels/`."""
+at module level or inside a function, of the package and of `kernels/` (installed as
+`transnormer_kernels`)."""
 from __future__ import annotations
 
 import ast
@@ -7,30 +8,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "megatron_transnormer"
+KERNELS = "transnormer_kernels"  # the import name of the top-level kernels/ folder
 
 # package -> the project packages its modules may import (besides their own), and third-party
 # packages they must not import.
 RULES = {
-    "kernels": ((), ("megatron", "deepspeed")),
+    KERNELS: ((), ("megatron", "deepspeed")),
     f"{PACKAGE}.config": ((), ("torch", "deepspeed", "megatron")),
-    f"{PACKAGE}.data": ((), ("deepspeed", "megatron")),
+    f"{PACKAGE}.data": ((f"{PACKAGE}.config",), ("deepspeed", "megatron")),  # data.blend's entries
     f"{PACKAGE}.evaluation": ((), ("deepspeed", "megatron")),
-    f"{PACKAGE}.parallel": (("kernels",), ()),  # the context-parallel form of the attention kernels
-    f"{PACKAGE}.model": (("kernels", f"{PACKAGE}.parallel"), ("deepspeed",)),
-    f"{PACKAGE}.training": (("kernels", f"{PACKAGE}.config", f"{PACKAGE}.data", f"{PACKAGE}.evaluation",
+    f"{PACKAGE}.parallel": ((KERNELS,), ()),  # the context-parallel form of the attention kernels
+    f"{PACKAGE}.model": ((KERNELS, f"{PACKAGE}.parallel"), ("deepspeed",)),
+    f"{PACKAGE}.training": ((KERNELS, f"{PACKAGE}.config", f"{PACKAGE}.data", f"{PACKAGE}.evaluation",
                              f"{PACKAGE}.parallel", f"{PACKAGE}.model"), ()),
-    f"{PACKAGE}.generation": (("kernels", f"{PACKAGE}.parallel", f"{PACKAGE}.model", f"{PACKAGE}.data"),
+    f"{PACKAGE}.generation": ((KERNELS, f"{PACKAGE}.parallel", f"{PACKAGE}.model", f"{PACKAGE}.data"),
                               ("deepspeed",)),
     # The Hugging Face modeling code is copied into every export: it stands alone.
     f"{PACKAGE}.hf": ((), ("deepspeed", "megatron")),
     # The planner's formulas, and the measurements that check them on real training steps.
-    f"{PACKAGE}.planning": (("kernels", f"{PACKAGE}.config", f"{PACKAGE}.data", f"{PACKAGE}.parallel",
+    f"{PACKAGE}.planning": ((KERNELS, f"{PACKAGE}.config", f"{PACKAGE}.data", f"{PACKAGE}.parallel",
                              f"{PACKAGE}.model", f"{PACKAGE}.training"), ()),
 }
 
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[0] == "kernels":
+        parts[0] = KERNELS
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 

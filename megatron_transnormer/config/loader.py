@@ -45,7 +45,10 @@ _Loader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
 def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The bundled configs: an installed wheel carries them as megatron_transnormer/configs; a source
+# checkout (an editable install too) keeps them in the top-level configs/ beside the package.
+_PACKAGE = Path(__file__).resolve().parents[1]
+CONFIG_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 DEFAULT_CONFIG = "alm/tiny_cpu"
 
 

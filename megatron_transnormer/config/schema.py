@@ -101,6 +101,13 @@ class DataConfig:
     # where the manifest's shards are: '' (beside it), a folder or URL prefix, a glob, or a
     # template with {name} such as 'pipe:aws s3 cp s3://bucket/ds/{name} -'
     shards: str = ""
+    # Several prepared datasets mixed by weight, instead of data.path: items 'WEIGHT PATH'
+    # (YAML list, or on the command line "0.7 data/web,0.3 data/books"). Weights are
+    # normalised; every data-parallel rank takes its samples from the datasets in the same
+    # deterministic order, which keeps each dataset's share of every run prefix within one
+    # global batch row of its weight (data/blend.py). The datasets share one tokenizer and
+    # sample length; each is validated and reported on its own as well.
+    blend: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -169,6 +176,10 @@ class TrainConfig:
     eval_batches: int = 0  # 0: the whole validation split
     activation_checkpointing: bool = False
     tensorboard: bool = True
+    # Weights & Biases logging next to TensorBoard: off, online, or offline (written under
+    # <run_dir>/wandb without a network; `wandb sync` uploads it later). Needs the wandb extra.
+    wandb: str = "off"
+    wandb_project: str = "megatron_transnormer"
     plot: bool = True
     # Seconds a rank waits in one collective (and for its peers at start-up) before it gives
     # up with an error naming what it was doing, instead of hanging on a frozen, stuck or dead
@@ -195,6 +206,30 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def blend_entries(items: list[str]) -> list[tuple[float, str]]:
+    """data.blend's (weight, path) pairs, weights as written; a malformed item raises a
+    ConfigError naming it."""
+    out = []
+    for i, item in enumerate(items):
+        weight, _, path = str(item).strip().partition(" ")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = None
+        path = path.strip()
+        if w is None or not path:
+            raise ConfigError(f"data.blend[{i}]: {item!r} is not 'WEIGHT PATH' (e.g. '0.7 data/web')")
+        if not w > 0 or w == float("inf"):
+            raise ConfigError(f"data.blend[{i}]: weight {weight} of {path} must be a positive number")
+        out.append((w, path))
+    paths = [p for _, p in out]
+    for i, p in enumerate(paths):
+        if p in paths[:i]:
+            raise ConfigError(f"data.blend[{i}]: {p} is already blended as data.blend[{paths.index(p)}]; "
+                              f"give it one entry with the summed weight")
+    return out
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -343,7 +378,12 @@ def validate_config(cfg: Config, world_size: int | None = None) -> Config:
     _check(bool(t.run_dir), "train.run_dir", "must not be empty")
     for key in ("collective_timeout_s", "stop_grace_s"):
         _check(getattr(t, key) > 0, f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    _one_of(t.wandb, "train.wandb", ("off", "online", "offline"))
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    if d.blend:
+        _check(not d.path, "data.path", f"{d.path!r} and data.blend are both set; a run reads one dataset "
+                                        f"(data.path) or a blend of several (data.blend)")
+        blend_entries(d.blend)
     _check(d.seq_len >= 0, "data.seq_len", f"must be >= 0, got {d.seq_len}")
     if d.seq_len:
         check_sequence_length(cfg, d.seq_len)

@@ -7,7 +7,11 @@ __all__ = ["DataError", "DatasetInfo", "TokenBatch", "TokenStream", "load_datase
 def split_stream(data_cfg, info: DatasetInfo, **kwargs):
     """This rank's batches of a split: the LRA reader's (`data.lra.stream.LRAStream`) for a
     classification dataset (a manifest with a `classification` section), else the token
-    stream's. kwargs: split, dp_rank, dp_size, micro_batch_size, seed, shuffle, infinite."""
+    stream's; training batches of a blend (data.blend) from `data.blend.BlendStream`. kwargs:
+    split, dp_rank, dp_size, micro_batch_size, seed, shuffle, infinite."""
+    if getattr(data_cfg, "blend", None):
+        from megatron_transnormer.data.blend import BlendStream
+        return BlendStream(data_cfg, **kwargs)
     if "classification" in info.manifest:
         from megatron_transnormer.data.lra.stream import LRAStream
         return LRAStream(data_cfg, **kwargs)

@@ -7,8 +7,11 @@
 - `wikitext-103`: `wiki.{train,valid,test}.tokens` (or `.raw`) from a directory; one
   document per article (a line ` = Title = `). With `--download` the official archive
   is fetched and checked first.
-- `input`: any text files (paths or globs); one document per file, or per
-  blank-line-separated paragraph; split by a seeded shuffle of the documents.
+- `input`: files or globs of plain text (one document per file, or per
+  blank-line-separated paragraph), JSON Lines (one document per line, its text in a
+  chosen field) or parquet (a chosen column), each optionally gzip or zstd compressed
+  (`inputs.py` reads them a piece at a time); split by a seeded shuffle of the
+  documents, which are counted first and never held all at once.
 """
 from __future__ import annotations
 

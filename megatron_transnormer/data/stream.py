@@ -262,6 +262,9 @@ class TokenStream:
 
     def load_state_dict(self, state: dict) -> None:
         where = f"data state for split {self.split!r}"
+        if state.get("mode") == "blend":
+            raise DataError(f"{where}: saved from a blend of {len(state.get('weights', []))} datasets (data.blend), "
+                            f"this run reads one (data.path); resume with the data settings it was saved with")
         if state.get("version") != STATE_VERSION:
             raise DataError(f"{where}: version {state.get('version')!r} is not {STATE_VERSION}")
         mode = "infinite" if self.infinite else "finite"

@@ -1,7 +1,7 @@
 """TransNormer and its baselines on megatron-core tensor-parallel layers (no DeepSpeed, no
 objectives, no training loop here). `spec.py` describes a model as parts; `transnormer.py`
 runs them in one process; the NormAttention/DiagAttention layers are in `attention.py`,
-their mixing math in the top-level `kernels` package."""
+their mixing math in the top-level `kernels/` folder (imported as `transnormer_kernels`)."""
 from .accounting import count_parameters, flops_per_token
 from .attention import MIXERS, DiagAttention, LinearEluAttention, NormAttention, SoftmaxAttention
 from .blocks import Block, BlockSpec

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import transnormer_kernels as kernels
 from ..parallel import context
 from ..parallel.tensor_parallel import tp_rank, tp_size
 from .decoding import DiagState, KVCache, LinearState, NormState

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from torch import nn
 
-import kernels
+import transnormer_kernels as kernels
 from ..parallel import sequence
 from ..parallel.tensor_parallel import declare_init, sum_of_squares, tp_size
 from .init import constant

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-import kernels
+import transnormer_kernels as kernels
 
 from .tensor_parallel import all_reduce_sum
 

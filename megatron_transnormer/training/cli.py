@@ -25,6 +25,8 @@ from megatron_transnormer.config import (Config, ConfigError, available_configs,
                                          override_keys, validate_config)
 from megatron_transnormer.config.loader import DEFAULT_CONFIG
 
+from .wandb_logging import check_wandb
+
 
 TRACEBACK_ENV = "TRANSNORMER_TRACEBACK"  # 1: print the traceback of an error, not only its line
 
@@ -54,6 +56,7 @@ def run_tool(prog: str, run, usage_errors: tuple = ()) -> int:
 # What a run leaves in its run directory (besides logs/ of the SLURM launchers), deleted by
 # train.overwrite=true; the first two are what makes a directory "hold a run".
 RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "loss.png", "config.yaml",
+             "wandb",  # train.wandb's offline runs and run id (wandb_logging.py)
              "best", "test_result.json")  # the last two: classifiers' (loop.BEST_SUBDIR, loop.TEST_RESULT)
 
 
@@ -151,6 +154,31 @@ def load_data_info(path: str):
         raise UsageError(f"data.path={path!r}: {e}") from None
 
 
+def load_run_data(cfg: Config):
+    """The dataset the run reads (data.path), or the first of its blend (data.blend), whose
+    datasets are checked to share one tokenizer and sample shape; each holds the splits
+    training reads."""
+    if not cfg.data.blend:
+        info = load_data_info(cfg.data.path)
+        check_splits(cfg, info)
+        return info
+    from megatron_transnormer.data.blend import blend_datasets
+    try:
+        datasets = blend_datasets(cfg.data)
+    except ValueError as e:  # DataError: names the data.blend entry
+        raise UsageError(str(e)) from None
+    for d in datasets:
+        check_splits(cfg, d.info)
+    return datasets[0].info
+
+
+def data_path(cfg: Config) -> str:
+    """The dataset whose tokenizer and vocabulary a run uses: data.path, or the first
+    dataset of data.blend (all of a blend share them)."""
+    from megatron_transnormer.config.schema import blend_entries
+    return cfg.data.path or (blend_entries(cfg.data.blend)[0][1] if cfg.data.blend else "")
+
+
 def check_splits(cfg: Config, info) -> None:
     """The splits training reads exist, and each split's sample count is its shards' sum
     (the loader sizes everything by the shards' counts; a split total that disagrees means
@@ -175,7 +203,7 @@ def check_kernels(cfg: Config) -> None:
     if cfg.model.kernels != "triton":
         return
     import torch
-    from kernels.support import interpreting, triton_available
+    from transnormer_kernels.support import interpreting, triton_available
     if not triton_available():
         raise UsageError("model.kernels=triton: Triton is not installed; use model.kernels=auto or torch")
     if not torch.cuda.is_available() and not interpreting():
@@ -298,8 +326,8 @@ def prepare_run(argv: list[str] | None = None) -> PreparedRun:
     try:
         cfg = validate_config(load_config(args.config, args.overrides))  # values first, then the data
         check_kernels(cfg)
-        info = load_data_info(cfg.data.path)
-        check_splits(cfg, info)
+        check_wandb(cfg)
+        info = load_run_data(cfg)
         apply_manifest(cfg, info)
         check_sequence_length(cfg, cfg.data.seq_len)
         resume = cfg.train.resume

@@ -47,8 +47,9 @@ import yaml
 
 from megatron_transnormer.config import Config, ConfigError
 from megatron_transnormer.data import DataError, split_stream
-from megatron_transnormer.evaluation.evaluate import evaluate_split, split_record
-from megatron_transnormer.evaluation.perplexity import token_perplexity
+from megatron_transnormer.data.blend import blend_datasets, dataset_config
+from megatron_transnormer.evaluation.evaluate import SplitTotals, evaluate_split, split_record
+from megatron_transnormer.evaluation.perplexity import token_perplexity, word_perplexity
 
 from . import rng
 from .checkpoint import RUN_SUBDIR, CheckpointError, latest_checkpoint, resume_target, step_dirname
@@ -171,6 +172,7 @@ class Trainer:
         self.objective = build_objective(cfg, info)
         self.rt = build_runtime(cfg, layout, self.objective)
         self.train_stream = self._stream(cfg.data.train_split, shuffle=True, infinite=True)
+        self.blend = blend_datasets(cfg.data) if cfg.data.blend else []  # validated one by one
         self.classifier = self.objective.name == "classification"
         self.best = None  # classifiers: the best validation record so far, with its step
         self.step = 0
@@ -181,10 +183,11 @@ class Trainer:
         self.log = MetricsLogger(self.run_dir, enabled=False, total_steps=cfg.train.steps, start_step=0,
                                  log_interval=1, tensorboard=False)
 
-    def _stream(self, split: str, *, shuffle: bool, infinite: bool):
-        """This rank's batches of `split`: the LRA reader's for a classification dataset (a
-        manifest with a `classification` section), else the token stream's."""
-        return split_stream(self.cfg.data, self.info, split=split, dp_rank=self.layout.dp_rank,
+    def _stream(self, split: str, *, shuffle: bool, infinite: bool, data_cfg=None):
+        """This rank's batches of `split` of data_cfg's data (default the run's, data.blend's
+        mix for training): the LRA reader's for a classification dataset (a manifest with a
+        `classification` section), else the token stream's."""
+        return split_stream(data_cfg or self.cfg.data, self.info, split=split, dp_rank=self.layout.dp_rank,
                             dp_size=self.layout.dp_size, micro_batch_size=self.cfg.train.micro_batch_size,
                             seed=self.cfg.train.seed, shuffle=shuffle, infinite=infinite)
 
@@ -298,9 +301,41 @@ class Trainer:
         return record
 
     def evaluate(self, split: str, prefix: str, phase: str) -> dict | None:
-        """validate()'s pass over any split, its record's keys prefixed `<prefix>_`."""
-        c = self.cfg
-        stream = self._local(phase, self._stream, split, shuffle=False, infinite=False)
+        """validate()'s pass over any split, its record's keys prefixed `<prefix>_`. A blend
+        (data.blend) evaluates each dataset's split on its own: `<prefix>_<name>_*` keys for
+        each, and `<prefix>_*` for all of them together (per labelled token)."""
+        if not self.cfg.data.blend:
+            totals = self._evaluate_split(split, phase, self.cfg.data)
+            return totals if not totals else {"step": self.step, **self._record(totals, self.info, split, prefix)}
+        per_dataset, together = {}, SplitTotals()
+        split_nll = split_tokens = words = 0.0  # each dataset's mean scaled to its whole split
+        for d in self.blend:
+            totals = self._evaluate_split(split, f"{phase} ({d.name})", dataset_config(self.cfg.data, d.path))
+            if totals == {}:
+                return {}
+            if totals is None:
+                continue
+            per_dataset.update(self._record(totals, d.info, split, f"{prefix}_{d.name}"))
+            together.nll_sum += totals.nll_sum
+            together.tokens += totals.tokens
+            split_nll += totals.nll_sum / totals.tokens * d.info.split_tokens(split)
+            split_tokens += d.info.split_tokens(split)
+            words += d.info.split_words(split) if self.objective.word_perplexity else 0
+        if together.tokens == 0:
+            return None
+        record = split_record(together, None, split, word_level=False)
+        if self.objective.word_perplexity:  # the paper's per-word perplexity over the blend's words
+            record["word_ppl"] = word_perplexity(split_nll / split_tokens, int(split_tokens), int(words))
+        return {"step": self.step, **{f"{prefix}_{k}": v for k, v in record.items()}, **per_dataset}
+
+    def _record(self, totals: SplitTotals, info, split: str, prefix: str) -> dict:
+        record = split_record(totals, info, split, self.objective.word_perplexity)
+        return {f"{prefix}_{key}": value for key, value in record.items()}
+
+    def _evaluate_split(self, split: str, phase: str, data_cfg) -> SplitTotals | dict | None:
+        """One dataset's split evaluated by all ranks: its totals, None if it holds less than one
+        global batch, or {} when a stop signal or a failure ended the pass."""
+        stream = self._local(phase, self._stream, split, shuffle=False, infinite=False, data_cfg=data_cfg)
         batches = iter(stream) if stream is not None else iter(())
         interrupted = False
 
@@ -317,13 +352,10 @@ class Trainer:
             return not (interrupted or done)
 
         totals = evaluate_split(lambda: self._local(phase, next, batches, None), self.rt.eval_batch, go_on,
-                                max_batches=c.train.eval_batches)
+                                max_batches=self.cfg.train.eval_batches)
         if interrupted:
             return {}
-        if totals.tokens == 0:
-            return None  # the split holds less than one global batch
-        record = split_record(totals, self.info, split, self.objective.word_perplexity)
-        return {"step": self.step, **{f"{prefix}_{key}": value for key, value in record.items()}}
+        return totals if totals.tokens else None  # None: less than one global batch
 
     def _log_validation(self) -> None:
         rec = self.validate()
@@ -429,7 +461,8 @@ class Trainer:
         if self.is_rank0:
             self.log = self._local(f"opening {self.run_dir / 'metrics.jsonl'}", MetricsLogger, self.run_dir,
                                    enabled=True, total_steps=t.steps, start_step=self.step,
-                                   log_interval=t.log_interval, tensorboard=t.tensorboard)
+                                   log_interval=t.log_interval, tensorboard=t.tensorboard, wandb=t.wandb,
+                                   wandb_project=t.wandb_project, config=resolved_config(c))
         if self.log is None:  # other ranks log nothing; rank 0 neither once opening failed
             self.log = MetricsLogger(self.run_dir, enabled=False, total_steps=t.steps, start_step=self.step,
                                      log_interval=t.log_interval, tensorboard=False)

@@ -1,4 +1,5 @@
-"""Where training numbers go: console (tqdm bar or plain lines), metrics.jsonl, TensorBoard.
+"""Where training numbers go: console (tqdm bar or plain lines), metrics.jsonl, TensorBoard,
+and Weights & Biases when train.wandb is online or offline (wandb_logging.py).
 
 Only rank 0 writes; on other ranks `MetricsLogger` is built with `enabled=False` and
 does nothing. `metrics.jsonl` holds one JSON object per line: a training step
@@ -7,6 +8,9 @@ labelled token: every next token of a causal LM, the masked tokens of a masked L
 validation (`step, val_loss, val_ppl`, and `val_word_ppl` for causal LMs). Each line is flushed when written, so a
 killed run leaves every finished step on disk; on resume `truncate_metrics` drops what
 came after the checkpoint. A failed write (a full disk) raises an OSError naming the file.
+TensorBoard gets the main scalars of each record (`train/loss`, `val/val_loss`, ...); W&B
+gets every number of each record under the same names, at the record's step, in one W&B
+run per run directory that a resumed run continues.
 Plain console lines (no terminal) come every train.log_interval steps: wall-clock time,
 the interval's mean loss, its throughput and step time, and the time left at that pace.
 """
@@ -20,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .wandb_logging import WandbRun
 
 # Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor data sheets). Matched as a substring
 # of the device name, first match wins, so more specific names come first.
@@ -146,26 +152,45 @@ def format_step(rec: dict, total: int) -> str:
     return " | ".join(parts)
 
 
+_EVAL_KEYS = ("loss", "ppl", "word_ppl", "accuracy")
+
+
+def evaluated_parts(rec: dict, prefix: str = "val") -> list[str]:
+    """The key prefixes of an evaluation record: `prefix` itself, then each blended dataset's
+    (`val_web` of `val_web_loss`, data.blend)."""
+    parts = [key[:-len("_loss")] for key in rec if key.startswith(f"{prefix}_") and key.endswith("_loss")]
+    return [prefix] + [part for part in parts if part != prefix]
+
+
 def format_validation(rec: dict, prefix: str = "val") -> str:
-    """One line for an evaluation record whose keys carry `prefix` (val_loss, test_accuracy, ...)."""
+    """A line for an evaluation record whose keys carry `prefix` (val_loss, test_accuracy, ...),
+    and one more per blended dataset."""
     name = "validation" if prefix == "val" else f"{prefix} evaluation"
-    text = f"{name} at step {rec['step']}: loss {rec[f'{prefix}_loss']:.4f} | ppl {rec[f'{prefix}_ppl']:.2f}"
-    if f"{prefix}_word_ppl" in rec:
-        text += f" | word ppl {rec[f'{prefix}_word_ppl']:.2f}"
-    if f"{prefix}_accuracy" in rec:
-        text += f" | accuracy {rec[f'{prefix}_accuracy']:.2f}%"
-    return text
+    lines = []
+    for part in evaluated_parts(rec, prefix):
+        head = f"{name} at step {rec['step']}:" if part == prefix else f"  {part[len(prefix) + 1:]}:"
+        text = f"{head} loss {rec[f'{part}_loss']:.4f} | ppl {rec[f'{part}_ppl']:.2f}"
+        if f"{part}_word_ppl" in rec:
+            text += f" | word ppl {rec[f'{part}_word_ppl']:.2f}"
+        if f"{part}_accuracy" in rec:
+            text += f" | accuracy {rec[f'{part}_accuracy']:.2f}%"
+        lines.append(text)
+    return "\n".join(lines)
 
 
 class MetricsLogger:
+    """wandb: train.wandb (off, online, offline); wandb_project and config (the resolved
+    config, a dict) go to the W&B run."""
+
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int,
-                 log_interval: int, tensorboard: bool):
+                 log_interval: int, tensorboard: bool, wandb: str = "off", wandb_project: str | None = None,
+                 config: dict | None = None):
         self.enabled = enabled
         self.total = total_steps
         self.log_interval = max(1, log_interval)
         self._interval: list[dict] = []  # the steps since the last printed line
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = self._writer = self._bar = None
+        self._file = self._writer = self._bar = self._wandb = None
         if not enabled:
             return
         self._file = open(self.path, "a", buffering=1)
@@ -177,6 +202,14 @@ class MetricsLogger:
         if sys.stderr.isatty():
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if wandb != "off":
+            try:
+                self._wandb = WandbRun(run_dir, mode=wandb, project=wandb_project, config=config,
+                                       start_step=start_step)
+            except BaseException:
+                self.close()  # what opened above, before the failure is reported
+                raise
+            self.message(self._wandb.describe())
 
     def _write(self, rec: dict) -> None:
         try:
@@ -196,6 +229,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write(rec)
+        if self._wandb is not None:
+            self._wandb.log("train", rec)
         self._scalars("train", rec, ("loss", "ppl", "lr", "grad_norm", "tokens_per_s",
                                      "tflops_per_device", "mfu", "max_memory_gib"))
         if self._bar is not None:
@@ -216,7 +251,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write(rec)
-        self._scalars(prefix, rec, tuple(f"{prefix}_{k}" for k in ("loss", "ppl", "word_ppl", "accuracy")))
+        if self._wandb is not None:
+            self._wandb.log(prefix, rec)
+        self._scalars(prefix, rec, tuple(f"{part}_{k}" for part in evaluated_parts(rec, prefix) for k in _EVAL_KEYS))
         self.message(format_validation(rec, prefix))
 
     def message(self, text: str) -> None:
@@ -228,12 +265,16 @@ class MetricsLogger:
             print(text, flush=True)
 
     def close(self) -> None:
-        file, writer, bar = self._file, self._writer, self._bar
-        self._file = self._writer = self._bar = None  # closed once, even if closing fails
+        file, writer, bar, run = self._file, self._writer, self._bar, self._wandb
+        self._file = self._writer = self._bar = self._wandb = None  # closed once, even if closing fails
         if bar is not None:
             bar.close()
         if writer is not None:
             writer.close()
+        if run is not None:
+            # The loop closes the logger in a `finally` too: an exception on its way out there
+            # means the run failed, and W&B should mark it failed rather than finished.
+            run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
         if file is not None:
             try:
                 file.close()

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _load(name: str):
-    # By path, not by putting bench/ on sys.path: bench/kernels.py would then shadow the
-    # kernels package for every test that runs after these.
+    # By path, not by putting bench/ on sys.path: bench/ is a folder of scripts, not a package,
+    # and its module names (kernels, generation, ...) would shadow others for later tests.
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

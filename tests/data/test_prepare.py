@@ -131,11 +131,7 @@ def test_an_empty_validation_or_test_split_is_an_error_naming_it(tmp_path, corpu
 
 
 def test_input_implies_source_input(tmp_path, corpus):
-    sys.path.insert(0, os.path.dirname(TOOL))
-    try:
-        import prepare_data
-    finally:
-        sys.path.remove(os.path.dirname(TOOL))
+    from megatron_transnormer.commands import prepare as prepare_data
     opts, _ = prepare_data.parse_args(["--input", "a.txt", "--output", str(tmp_path)])
     assert (opts.source, opts.inputs) == ("input", ["a.txt"])
     assert prepare_data.parse_args(["--output", str(tmp_path)])[0].source == "shakespeare"

@@ -95,16 +95,19 @@ def test_every_input_format_gives_the_in_memory_result(tmp_path, tokenizer_model
 
 
 def test_memory_stays_bounded_on_an_input_larger_than_it(tmp_path, tokenizer_model):
-    """Peak memory of a preparation of 40 MB of JSONL exceeds that of 1 MB by far less than the
-    input: documents are streamed, shards written as they fill."""
-    # VmHWM: the peak resident size of this process image (ru_maxrss would include the parent's, from the fork)
-    probe = ("import runpy, sys; sys.argv = sys.argv[1:]\n"
+    """40 MB of JSONL prepare under an address-space cap 8 MiB above what preparing 1 MB needed
+    (the input is five times the headroom), and the resident peak barely moves: documents are
+    streamed, shards written as they fill."""
+    # VmPeak / VmHWM: the peak virtual / resident size of this process image (ru_maxrss would
+    # include the parent's, from the fork). The cap (RLIMIT_AS) is set before the tool starts.
+    probe = ("import resource, runpy, sys; cap = int(sys.argv[1]); sys.argv = sys.argv[2:]\n"
+             "if cap: resource.setrlimit(resource.RLIMIT_AS, (cap, cap))\n"
              "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
              "except SystemExit as e:\n    assert not e.code, e.code\n"
-             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
-             "print('maxrss_kb', hwm, file=sys.stderr)\n")
+             "status = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+             "print('peak_kb', status['VmPeak'].split()[0], status['VmHWM'].split()[0], file=sys.stderr)\n")
     line = json.dumps({"text": "".join(documents(1, seed=3, lines=(40, 41)))}) + "\n"
-    peaks = {}
+    peaks, cap = {}, 0
     for name, mb in (("small", 1), ("large", 40)):
         path = tmp_path / f"{name}.jsonl"
         with open(path, "w") as f:
@@ -112,10 +115,12 @@ def test_memory_stays_bounded_on_an_input_larger_than_it(tmp_path, tokenizer_mod
                 f.write(line)
         args = [TOOL, "--quiet", "--input", path, "--tokenizer-model", tokenizer_model, "--split", "98,1,1",
                 "--seq-len", 512, "--output", tmp_path / name]
-        r = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True,
-                           timeout=300)
+        r = subprocess.run([sys.executable, "-c", probe, str(cap), *map(str, args)], capture_output=True,
+                           text=True, timeout=300)
         assert r.returncode == 0, r.stderr
-        peaks[name] = int(r.stderr.split("maxrss_kb")[-1]) * 1024
+        virtual, resident = (int(x) * 1024 for x in r.stderr.split("peak_kb")[-1].split())
+        peaks[name] = resident
+        cap = virtual + (8 << 20)  # the large input's cap
         m = json.loads((tmp_path / name / "manifest.json").read_text())
         assert m["splits"]["train"]["text_bytes"] > 0.95 * mb * (1 << 20) * 0.98 * 0.8
     assert peaks["large"] - peaks["small"] < 8 << 20, peaks  # the input grew by 39 MB

@@ -9,7 +9,7 @@ these variables at import).
 from __future__ import annotations
 
 import atexit
-import importlib.util
+import importlib
 import os
 import shutil
 import subprocess
@@ -40,15 +40,12 @@ def run_tool(script: str, *args, timeout=120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def _tool(script: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{script}", REPO / "tools" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _tool(name: str):
+    return importlib.import_module(f"megatron_transnormer.commands.{name}")
 
 
 def checkpoint_reader():
-    """tools/generate.py, whose `load_checkpoint` the exporter reads checkpoints with."""
+    """The generate command (tools/generate.py), whose `load_checkpoint` the exporter reads checkpoints with."""
     return _tool("generate")
 
 

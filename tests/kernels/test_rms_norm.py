@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+import transnormer_kernels as kernels
+from transnormer_kernels import reference
 from tests.kernels.helpers import TOL, check_against_float64, requires_cuda
 
 

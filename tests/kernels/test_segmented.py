@@ -4,7 +4,7 @@ segment, whatever the length."""
 import pytest
 import torch
 
-from kernels import reference, segmented
+from transnormer_kernels import reference, segmented
 
 
 def _inputs(n, initial_state=False, seed=0):

@@ -266,7 +266,7 @@ def test_failing_validation_keeps_the_checkpoint_and_runs_never_mix(dataset, tmp
     """A corrupt validation shard found by the final validation: the final checkpoint is
     already saved; one line naming the shard, exit 2. A new run in that directory is
     refused unless train.overwrite=true, which starts clean."""
-    import pretrain as pretrain_py
+    from megatron_transnormer.commands import train as pretrain_py
     bad, run_dir = corrupted(dataset, tmp_path / "bad", "valid", 1), tmp_path / "run"
     p = pretrain(f"data.path={bad}", f"train.run_dir={run_dir}", *QUICK, "train.steps=3", "train.tensorboard=true")
     assert p.returncode == 2, p.stdout + p.stderr
@@ -344,7 +344,7 @@ def _manifest(dataset: Path, dest: Path, edit) -> Path:
 def test_refused_before_any_process_group(dataset, tmp_path, monkeypatch, capsys, case):
     import torch
 
-    import pretrain as pretrain_py
+    from megatron_transnormer.commands import train as pretrain_py
     data, args = dataset, [f"train.run_dir={tmp_path / 'run'}"]
     if case == "triton":
         if torch.cuda.is_available():

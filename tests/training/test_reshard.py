@@ -191,11 +191,7 @@ def test_layout_free_files(runs):
 
 
 def test_generate_loads_a_layout_free_checkpoint(runs):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import generate
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    from megatron_transnormer.commands import generate
     root, _, _, _ = runs
     config, weights = generate.load_checkpoint(root / "free_tp2")
     assert config["model"]["hidden_size"] == 64 and weights["embedding.word.weight"].shape == (128, 64)
@@ -223,11 +219,7 @@ def test_pretrain_accepts_any_layout_and_refuses_another_model(runs, tmp_path, m
 
 
 def test_damaged_checkpoints_are_refused_naming_the_file(runs, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import convert_checkpoint
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    from megatron_transnormer.commands import convert as convert_checkpoint
     from megatron_transnormer.training import universal
     from megatron_transnormer.training.deepspeed_loading import CheckpointError
 

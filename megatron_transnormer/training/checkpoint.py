@@ -5,9 +5,10 @@ Layout of one checkpoint directory:
     written by `engine.save_checkpoint`, with the loop's `client_state` inside;
   * `rank_00003.pt` per global rank: RNG states and the loop's per-rank state (e.g. the
     data stream position), loaded with `weights_only=True`;
-  * `meta.json` (rank 0): the step, the parallel layout, ZeRO stage, precision and the model
-    settings that shape its tensors, so that `pretrain.py` can refuse to resume under
-    another layout before any process group exists (`layout_differences`); also the names
+  * `meta.json` (rank 0): the step, the parallel layout, ZeRO stage, precision, the model
+    settings that shape its tensors and the data mix (`data_blend`), so that `pretrain.py`
+    can refuse to resume under another layout or mix before any process group exists
+    (`layout_differences`, `blend_weights`); also the names
     of the caller's client_state entries (DeepSpeed returns its own with them);
   * `checksums.json`: the size and sha256 of every other file, so that a damaged
     checkpoint is found before anything of it is read.
@@ -124,7 +125,16 @@ def layout_record(cfg, world_size: int) -> dict:
     p = cfg.parallel
     return {"world_size": world_size, "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context,
             "data_parallel": world_size // (p.tensor * p.pipeline * p.context), "zero_stage": p.zero_stage,
-            "precision": cfg.train.precision, "model": {k: getattr(cfg.model, k) for k in _SHAPE_KEYS}}
+            "precision": cfg.train.precision, "model": {k: getattr(cfg.model, k) for k in _SHAPE_KEYS},
+            "data_blend": blend_weights(cfg)}
+
+
+def blend_weights(cfg) -> list[float]:
+    """The normalised weights of data.blend, [] for one dataset (data.path): the data stream's
+    state resumes only with the same (data/blend.py)."""
+    from megatron_transnormer.config.schema import blend_entries
+    weights = [w for w, _ in blend_entries(cfg.data.blend)]
+    return [w / sum(weights) for w in weights]
 
 
 def read_meta(path: str | os.PathLike) -> dict | None:

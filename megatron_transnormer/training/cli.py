@@ -305,6 +305,12 @@ def check_resume_layout(cfg: Config, world_size: int) -> None:
         raise UsageError(f"train.resume: {e}") from None
     if saved is None:  # written before checkpoints carried meta.json: the runtime's check remains
         return
+    blend = saved.get("data_blend")
+    if blend is not None and blend != checkpoint.blend_weights(cfg):
+        mix = lambda w: f"a blend of {len(w)} datasets with weights {w}" if w else "one dataset (data.path)"
+        raise UsageError(f"train.resume: {path} was saved by a run reading {mix(blend)}, this run reads "
+                         f"{mix(checkpoint.blend_weights(cfg))}; its data position continues only the same mix: "
+                         f"resume it with the data settings it was saved with")
     what = layout_mismatch(saved, cfg, world_size)
     if saved.get("format") == checkpoint.LAYOUT_FREE:
         # It records no layout, so `what` names model settings only: any layout may resume it.

@@ -8,7 +8,8 @@ names, loadable by any other layout (TP, PP, DP, ZeRO 0-3, CP), optimizer state 
 A layout-free checkpoint is a directory:
 
     meta.json              {"format": "layout-free", "version", "step", "model": the settings
-                           that shape the tensors, "source": the layout it was converted from,
+                           that shape the tensors, "data_blend": data.blend's normalised
+                           weights ([]: one dataset), "source": the layout it was converted from,
                            "model_only", "checksums"}
     config.yaml            the run's resolved config
     model.safetensors      canonical name -> the full fp32 tensor (the names of the
@@ -380,6 +381,7 @@ def export(rt, out, client_state: dict, rank_state: dict, model_only: bool = Fal
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         record = checkpoint.layout_record(cfg, layout.world_size)
         meta = {"format": FORMAT, "version": VERSION, "step": saved_step, "model": record.pop("model"),
+                "data_blend": record.pop("data_blend"),
                 "source": source or record, "model_only": model_only, "checksums": checkpoint.CHECKSUM_FILE}
         (tmp / checkpoint.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         checkpoint.publish_directory(tmp, out)

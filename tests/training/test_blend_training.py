@@ -84,7 +84,10 @@ def test_blend_trains_validates_each_dataset_and_resumes(datasets, tmp_path):
     # a single-dataset run does not resume a blend's checkpoint
     p = pretrain(f"data.path={first}", *TINY, f"train.run_dir={tmp_path / 'single'}", "train.steps=9",
                  f"train.resume={free}")
-    assert p.returncode == 2 and "saved from a blend of 2 datasets (data.blend)" in p.stdout + p.stderr, p.stdout + p.stderr
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "was saved by a run reading a blend of 2 datasets with weights [0.7, 0.3], this run reads one " \
+           "dataset (data.path)" in p.stderr, p.stderr
+    assert not (tmp_path / "single").exists()  # refused before anything started
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -286,7 +286,7 @@ def test_checkpoint_records_its_layout(saved_run):
                               "norm_position": "pre", "positions": "sinusoidal", "max_positions": 0,
                               "embedding_norm": False, "head": "lm", "num_classes": 0, "norm": "",
                               "input": "tokens", "classifier": "mlp", "local_heads": 0},
-                    "context": 1, "checksums": "checksums.json", "client_keys": ["best", "config", "last_eval_step",
+                    "context": 1, "data_blend": [], "checksums": "checksums.json", "client_keys": ["best", "config", "last_eval_step",
                                                                                   "step"]}
 
 
